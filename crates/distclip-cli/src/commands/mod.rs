@@ -1,0 +1,27 @@
+//! One module per subcommand.
+
+pub mod bench;
+pub mod embed;
+pub mod init;
+pub mod models;
+pub mod tokenize;
+
+use anyhow::Context;
+
+/// Print one JSON value as a single line on stdout.
+pub fn print_json(value: &serde_json::Value) {
+    println!("{value}");
+}
+
+/// Pin the CPU thread count for the pure-Rust backend (rayon) and, when linked, libtorch.
+pub fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
+    if let Some(t) = threads {
+        anyhow::ensure!(t > 0, "--threads must be at least 1");
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build_global()
+            .context("setting the thread pool size")?;
+        distclip_model::device::set_libtorch_threads(t);
+    }
+    Ok(())
+}

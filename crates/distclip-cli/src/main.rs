@@ -1,0 +1,65 @@
+//! `distclip`: train and use OpenCLIP-compatible CLIP models. The binary only parses arguments
+//! and dispatches; each subcommand lives in `commands/`. JSON results go to stdout, logs to
+//! stderr.
+
+mod commands;
+
+use clap::{Parser, Subcommand};
+
+/// distclip: data-parallel CLIP training, OpenCLIP-compatible.
+#[derive(Parser, Debug)]
+#[command(name = "distclip", version, about, propagate_version = true)]
+struct Cli {
+    /// Log format on stderr: `human` or `json`.
+    #[arg(long, global = true, default_value = "human", value_parser = ["human", "json"])]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Tokenize texts exactly as `open_clip.tokenize` does.
+    Tokenize(commands::tokenize::Args),
+    /// Write a freshly initialised model as OpenCLIP-named safetensors.
+    Init(commands::init::Args),
+    /// Embed images and texts (L2-normalised), with zero-shot probabilities.
+    Embed(commands::embed::Args),
+    /// List the built-in model configs with their parameter counts.
+    Models(commands::models::Args),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(commands::bench::BenchCommand),
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.with_target(false).init();
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    let result = match cli.command {
+        Command::Tokenize(a) => commands::tokenize::run(a),
+        Command::Init(a) => commands::init::run(a),
+        Command::Embed(a) => commands::embed::run(a),
+        Command::Models(a) => commands::models::run(a),
+        Command::Bench(c) => commands::bench::run(c),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
