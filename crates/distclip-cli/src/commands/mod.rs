@@ -8,9 +8,12 @@ pub mod tokenize;
 
 use anyhow::Context;
 
-/// Print one JSON value as a single line on stdout.
+/// Print one JSON value as a single line on stdout. A closed pipe (`distclip models | head`)
+/// is not an error worth a panic; the reader has what it wanted.
 pub fn print_json(value: &serde_json::Value) {
-    println!("{value}");
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{value}").and_then(|()| out.flush());
 }
 
 /// Pin the CPU thread count for the pure-Rust backend (rayon) and, when linked, libtorch.
