@@ -69,25 +69,31 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     let tokens = Tensor::<2, Int>::from_data(tokens, &base);
 
     let mut losses = Vec::new();
-    let mut step_times = Vec::new();
+    // Per timed step: [forward + loss, backward, optimizer, total]. The phases are host-side
+    // times (exact on CPU backends; on CUDA only the total, which waits for the loss, is).
+    let mut times: Vec<[f64; 4]> = Vec::new();
     for step in 0..args.warmup + args.steps {
         let t0 = Instant::now();
         let img = l2_normalize(model.encode_image(images.clone().autodiff()));
         let txt = l2_normalize(model.encode_text(tokens.clone().autodiff()));
         let loss = clip_loss(img, txt, model.logit_scale.val().exp());
+        let t1 = Instant::now();
         let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let t2 = Instant::now();
         model = optim.step(5e-4, model, grads);
         // Reading the loss waits for the step to finish on asynchronous devices.
         let value = loss.into_scalar::<f32>();
-        let dt = t0.elapsed().as_secs_f64();
+        let t3 = Instant::now();
+        let dt = (t3 - t0).as_secs_f64();
         anyhow::ensure!(value.is_finite(), "non-finite loss {value} at step {step}");
         losses.push(value);
         if step >= args.warmup {
-            step_times.push(dt);
+            times.push([(t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64(), (t3 - t2).as_secs_f64(), dt]);
         }
         tracing::info!(step, loss = value, seconds = dt, "bench step");
     }
-    let step_s = step_times.iter().sum::<f64>() / step_times.len() as f64;
+    let mean = |i: usize| times.iter().map(|t| t[i]).sum::<f64>() / times.len() as f64;
+    let step_s = mean(3);
     super::print_json(&serde_json::json!({
         "bench": "train",
         "model": args.model,
@@ -98,6 +104,9 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         "steps": args.steps,
         "warmup": args.warmup,
         "step_s": step_s,
+        "forward_s": mean(0),
+        "backward_s": mean(1),
+        "optimizer_s": mean(2),
         "samples_per_s": b as f64 / step_s,
         "loss_first": losses.first(),
         "loss_last": losses.last(),
