@@ -4,9 +4,6 @@
 
 mod commands;
 
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use clap::{Parser, Subcommand};
 
 /// distclip: data-parallel CLIP training, OpenCLIP-compatible.

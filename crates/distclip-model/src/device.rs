@@ -32,7 +32,10 @@ pub fn parse_device(spec: &str) -> Result<Device, ModelError> {
     libtorch_device(spec, cuda_index)
 }
 
+// burn-tch is marked deprecated upstream, but it is the only GPU backend that builds offline
+// (the CubeCL backends download LLVM at build time); see the README's Backends section.
 #[cfg(feature = "tch")]
+#[allow(deprecated)]
 fn libtorch_device(_spec: &str, cuda_index: Option<usize>) -> Result<Device, ModelError> {
     Ok(match cuda_index {
         Some(i) => Device::libtorch_cuda(i),
