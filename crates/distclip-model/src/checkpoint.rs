@@ -230,32 +230,51 @@ pub fn read_state_dict(path: &Path) -> Result<StateDict, ModelError> {
     Ok(state)
 }
 
+/// Floating-point storage types a checkpoint may hold.
+#[derive(Debug, Clone, Copy)]
+enum FloatDtype {
+    F32,
+    F16,
+    BF16,
+    F64,
+}
+
+/// Little-endian raw values of `dtype` widened or narrowed to f32.
+fn floats_from_le(dtype: FloatDtype, raw: &[u8]) -> Vec<f32> {
+    match dtype {
+        FloatDtype::F32 => raw
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        FloatDtype::F16 => raw
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        FloatDtype::BF16 => raw
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        FloatDtype::F64 => raw
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
+            .collect(),
+    }
+}
+
 fn read_safetensors_bytes(bytes: &[u8]) -> Result<StateDict, String> {
     use safetensors::{Dtype, SafeTensors};
     let st = SafeTensors::deserialize(bytes)
         .map_err(|e| format!("not a valid safetensors file ({e}); is it truncated?"))?;
     let mut out = StateDict::new();
     for (name, view) in st.tensors() {
-        let raw = view.data();
-        let data: Vec<f32> = match view.dtype() {
-            Dtype::F32 => raw
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            Dtype::F16 => raw
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => raw
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::F64 => raw
-                .chunks_exact(8)
-                .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
-                .collect(),
+        let dtype = match view.dtype() {
+            Dtype::F32 => FloatDtype::F32,
+            Dtype::F16 => FloatDtype::F16,
+            Dtype::BF16 => FloatDtype::BF16,
+            Dtype::F64 => FloatDtype::F64,
             other => return Err(format!("tensor {name} has dtype {other:?}; only floating point weights are supported")),
         };
+        let data = floats_from_le(dtype, view.data());
         out.insert(
             name,
             HostTensor {
@@ -277,26 +296,15 @@ fn read_pytorch(path: &Path) -> Result<StateDict, String> {
     let mut out = StateDict::new();
     for (name, t) in reader.tensors() {
         let raw = t.read().map_err(|e| format!("reading tensor {name}: {e}"))?;
-        let data: Vec<f32> = match t.dtype() {
-            DType::F32 => raw
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            DType::F16 => raw
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            DType::BF16 => raw
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            DType::F64 => raw
-                .chunks_exact(8)
-                .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
-                .collect(),
+        let dtype = match t.dtype() {
+            DType::F32 => FloatDtype::F32,
+            DType::F16 => FloatDtype::F16,
+            DType::BF16 => FloatDtype::BF16,
+            DType::F64 => FloatDtype::F64,
             // Integer buffers (e.g. a persisted step counter) are not model weights.
             _ => continue,
         };
+        let data = floats_from_le(dtype, &raw);
         if data.len() != t.num_elements() {
             return Err(format!("tensor {name}: {} values for shape {:?}", data.len(), t.shape()));
         }
