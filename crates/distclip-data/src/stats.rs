@@ -1,0 +1,325 @@
+//! Streaming a whole spec through the pipeline and counting: `distclip data stats` and
+//! `distclip bench data`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::loader::{Loader, LoaderConfig, LoaderError, Order};
+use crate::samples::SkipReason;
+use crate::source::{RetryPolicy, ShardOpener};
+use crate::spec::{ShardList, SpecError};
+use crate::transform::{Augment, TransformConfig};
+
+/// A shard that ended early (could not be opened, or broke part way).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FailedShard {
+    /// Index in the shard list.
+    pub shard: usize,
+    /// The shard's URL.
+    pub url: String,
+    /// Why it ended.
+    pub reason: SkipReason,
+    /// The error.
+    pub error: String,
+    /// Samples (groups) read before it ended: a resume would start here.
+    pub samples_read: u64,
+}
+
+/// What `distclip data stats` prints.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataStats {
+    /// Examples that decoded and would be trained on.
+    pub samples: u64,
+    /// Shards read (or attempted).
+    pub shards: u64,
+    /// Skips by reason name; reasons that never occurred are absent.
+    pub skipped: BTreeMap<String, u64>,
+    /// Shards that ended early.
+    pub failed_shards: Vec<FailedShard>,
+    /// Examples per second, wall clock, including open and read time.
+    pub samples_per_s: f64,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+    /// Shard bytes read.
+    pub bytes: u64,
+    /// Decode threads.
+    pub threads: usize,
+    /// Output image side.
+    pub image_size: usize,
+}
+
+/// Options for [`data_stats`] and [`bench_data`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatsOptions {
+    /// Decode threads.
+    pub threads: usize,
+    /// Output image side (decode and transform at this size).
+    pub image_size: usize,
+    /// `None` for the eval transform, `Augment::train()` for the train path.
+    pub augment: Augment,
+    /// Caption from this `json` field instead of `txt`.
+    pub caption_key: Option<String>,
+    /// Image pixel limit.
+    pub max_pixels: u64,
+    /// Stop after this many examples (`None`: the whole spec).
+    pub max_samples: Option<u64>,
+    /// Retry policy for opening and reading shards.
+    pub retry: RetryPolicy,
+}
+
+impl Default for StatsOptions {
+    fn default() -> Self {
+        Self {
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            image_size: 224,
+            augment: Augment::None,
+            caption_key: None,
+            max_pixels: distclip_image::DEFAULT_MAX_PIXELS,
+            max_samples: None,
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+/// Why a stats run could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StatsError {
+    /// The spec is malformed.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// The loader refused the settings or a worker died.
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
+}
+
+/// `distclip data stats SPEC [--image-size PX] [--threads T]`: stream every shard of `spec` once
+/// (in spec order, no shuffle) through decoding and the transform, and count.
+pub fn data_stats(spec: &str, opts: &StatsOptions) -> Result<DataStats, StatsError> {
+    let list = ShardList::parse(spec)?;
+    data_stats_with(Arc::new(list), ShardOpener::new(opts.retry.clone()), opts)
+}
+
+/// `distclip bench data SPEC --threads T --image-size 224`: the train path (RandomResizedCrop)
+/// over the spec (or its first `max_samples` examples); read `samples_per_s`.
+pub fn bench_data(
+    spec: &str,
+    threads: usize,
+    image_size: usize,
+    max_samples: Option<u64>,
+) -> Result<DataStats, StatsError> {
+    let opts = StatsOptions {
+        threads,
+        image_size,
+        augment: Augment::train(),
+        max_samples,
+        ..Default::default()
+    };
+    data_stats(spec, &opts)
+}
+
+/// [`data_stats`] over an already expanded list with a given opener (tests, injected stores).
+/// Every shard is read once; upsampling weights are ignored.
+pub fn data_stats_with(
+    list: Arc<ShardList>,
+    opener: ShardOpener,
+    opts: &StatsOptions,
+) -> Result<DataStats, StatsError> {
+    let list = if list.is_unweighted() {
+        list
+    } else {
+        let mut l = (*list).clone();
+        l.shards.iter_mut().for_each(|s| s.weight = 1.0);
+        Arc::new(l)
+    };
+    let cfg = LoaderConfig {
+        threads: opts.threads.max(1),
+        batch_size: 64,
+        order: Order::Epoch,
+        shuffle: false,
+        prefetch: 32,
+        keep_partial: true,
+        transform: TransformConfig {
+            image_size: opts.image_size,
+            augment: opts.augment.clone(),
+            max_pixels: opts.max_pixels,
+            caption_key: opts.caption_key.clone(),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let start = Instant::now();
+    let loader = Loader::new(list, opener, cfg)?;
+    let counters = loader.counters();
+    let mut seen = 0u64;
+    for batch in loader {
+        seen += batch?.len() as u64;
+        if opts.max_samples.is_some_and(|m| seen >= m) {
+            break;
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let snap = counters.snapshot();
+    Ok(DataStats {
+        samples: seen,
+        shards: snap.shards,
+        skipped: snap
+            .skipped
+            .iter()
+            .map(|(r, n)| (r.name().to_string(), *n))
+            .collect(),
+        failed_shards: snap.failed_shards,
+        samples_per_s: if seconds > 0.0 {
+            seen as f64 / seconds
+        } else {
+            0.0
+        },
+        seconds,
+        bytes: snap.bytes,
+        threads: opts.threads.max(1),
+        image_size: opts.image_size,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::samples::tests::tar_of;
+    use crate::source::testing::{FlakyStore, put_all};
+    use crate::transform::tests::jpeg;
+    use object_store::ObjectStore;
+
+    /// One shard per kind of bad input, in a store where `flaky/` bodies break after 1000 bytes.
+    #[test]
+    fn bad_input_is_skipped_and_counted_exactly_by_reason() {
+        let good = jpeg(12, 10, 1);
+        let big = jpeg(200, 100, 2); // 20,000 pixels, over the 10,000 limit below
+        let long = "x".repeat(10_001);
+        let mut corrupt = good.clone();
+        for b in corrupt.iter_mut().skip(2).take(200) {
+            *b = 0x11;
+        }
+        let truncated = &good[..good.len() / 2];
+        let bad_samples = tar_of(&[
+            ("ok0.jpg", &good),
+            ("ok0.txt", b"fine"),
+            ("zero.jpg", b""),
+            ("zero.txt", b"empty image"),
+            ("corrupt.jpg", &corrupt),
+            ("corrupt.txt", b"x"),
+            ("trunc.jpg", truncated),
+            ("trunc.txt", b"x"),
+            ("big.jpg", &big),
+            ("big.txt", b"x"),
+            ("nocap.jpg", &good),
+            ("noimg.txt", b"x"),
+            ("utf.jpg", &good),
+            ("utf.txt", b"caf\xe9"),
+            ("long.jpg", &good),
+            ("long.txt", long.as_bytes()),
+            ("README", b"no extension"),
+            ("dup.jpg", &good),
+            ("dup.jpg", &good),
+            ("dup.txt", b"second dup is complete"),
+            ("ok1.png", &good), // a JPEG named .png: PIL sniffs content, so do we
+            ("ok1.txt", b"fine"),
+        ]);
+        let three = tar_of(&[
+            ("a.jpg", &good),
+            ("a.txt", b"1"),
+            ("b.jpg", &good),
+            ("b.txt", b"2"),
+            ("c.jpg", &good),
+            ("c.txt", b"3"),
+        ]);
+        // A cut inside c.txt's header keeps a and b (c.jpg closed b).
+        let truncated_tar = {
+            // Find c.txt's header by name and cut inside it.
+            let at = (0..three.len())
+                .step_by(512)
+                .find(|&o| three[o..].starts_with(b"c.txt"))
+                .unwrap();
+            three[..at + 100].to_vec()
+        };
+        let corrupt_tar = {
+            let at = (0..three.len())
+                .step_by(512)
+                .find(|&o| three[o..].starts_with(b"c.jpg"))
+                .unwrap();
+            let mut t = three.clone();
+            t[at + 3] ^= 0x40;
+            t
+        };
+        let inner: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+        put_all(
+            &inner,
+            &[
+                ("d/0.tar", bad_samples),
+                ("d/1.tar", truncated_tar),
+                ("d/2.tar", b"this is not a tar file at all".repeat(40)),
+                ("d/4.tar", corrupt_tar),
+                ("5.tar", three.clone()),
+            ],
+        );
+        // Bodies from memory://flaky/ always break at byte 1000 (and every resume at once).
+        let flaky = Arc::new(FlakyStore::new(inner.clone(), 1000, u32::MAX));
+        let opener = ShardOpener::new(RetryPolicy::fast(2))
+            .with_store("memory", "", inner)
+            .with_store("memory", "flaky", flaky);
+        let list = ShardList::parse("memory:///d/{0..4}.tar::memory://flaky/5.tar").unwrap();
+        let opts = StatsOptions {
+            threads: 2,
+            image_size: 8,
+            max_pixels: 10_000,
+            retry: RetryPolicy::fast(2),
+            ..Default::default()
+        };
+        let stats = data_stats_with(Arc::new(list), opener, &opts).unwrap();
+        let want: BTreeMap<String, u64> = [
+            ("zero_byte_member", 1),
+            ("image_decode_error", 2),
+            ("image_too_large", 1),
+            ("missing_caption", 1),
+            ("missing_image", 1),
+            ("caption_not_utf8", 1),
+            ("caption_too_long", 1),
+            ("no_extension", 1),
+            ("duplicate_key", 1),
+            ("truncated_tar", 1),
+            ("not_a_tar", 1),
+            ("shard_open_failed", 1),
+            ("corrupt_tar", 1),
+            ("shard_read_failed", 1),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        assert_eq!(stats.skipped, want);
+        // Good: ok0, dup (second), ok1 from shard 0; a, b from the truncated tar; a from the
+        // corrupt tar (b is dropped: it was being assembled when c.jpg's header failed); none
+        // from the flaky shard (the cut comes inside a.jpg).
+        assert_eq!(stats.samples, 3 + 2 + 1);
+        assert_eq!(stats.shards, 6);
+        let mut failed: Vec<(usize, &str, u64)> = stats
+            .failed_shards
+            .iter()
+            .map(|f| (f.shard, f.reason.name(), f.samples_read))
+            .collect();
+        failed.sort();
+        assert_eq!(
+            failed,
+            [
+                (1, "truncated_tar", 2),
+                (2, "not_a_tar", 0),
+                (3, "shard_open_failed", 0),
+                (4, "corrupt_tar", 1),
+                (5, "shard_read_failed", 0)
+            ]
+        );
+        let f3 = stats.failed_shards.iter().find(|f| f.shard == 3).unwrap();
+        assert_eq!(f3.url, "memory:///d/3.tar");
+        assert!(f3.error.contains("after 2 attempts"), "{}", f3.error);
+    }
+}
