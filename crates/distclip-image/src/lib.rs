@@ -15,8 +15,10 @@ mod resample;
 pub use resample::{Raw8, resize_bicubic};
 
 /// CLIP's normalisation mean (OpenAI dataset statistics), per RGB channel.
+#[allow(clippy::excessive_precision)]
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-/// CLIP's normalisation standard deviation, per RGB channel.
+/// CLIP's normalisation standard deviation, per RGB channel (digits as OpenCLIP writes them).
+#[allow(clippy::excessive_precision)]
 pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 /// Default decompression-bomb limit, in pixels (OpenCLIP refuses images above 25M pixels).
 pub const DEFAULT_MAX_PIXELS: u64 = 25_000_000;

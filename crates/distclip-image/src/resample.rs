@@ -173,55 +173,71 @@ fn clip8(v: i64) -> u8 {
     (v >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
-/// Horizontal pass over rows `y0..y0+rows` of `src`.
+/// Horizontal pass over rows `y0..y0+rows` of `src`. All channels of a pixel are accumulated
+/// in one walk over its taps (the taps of one output pixel are contiguous in the row); the
+/// channel count is a const parameter so the inner loop unrolls.
 fn horizontal(src: &Raw8, y0: usize, rows: usize, out_w: usize, co: &Coeffs) -> Raw8 {
-    let c = src.channels;
-    let mut data = vec![0u8; out_w * rows * c];
-    for yy in 0..rows {
-        let row = &src.data[(yy + y0) * src.width * c..(yy + y0 + 1) * src.width * c];
-        for xx in 0..out_w {
-            let (xmin, xmax) = co.bounds[xx];
-            let k = &co.kk[xx * co.ksize..xx * co.ksize + xmax];
-            for ch in 0..c {
-                let mut ss: i64 = 1 << (PRECISION_BITS - 1);
-                for (x, &w) in k.iter().enumerate() {
-                    ss += i64::from(row[(x + xmin) * c + ch]) * i64::from(w);
-                }
-                data[(yy * out_w + xx) * c + ch] = clip8(ss);
-            }
-        }
-    }
+    let data = match src.channels {
+        1 => horizontal_c::<1>(src, y0, rows, out_w, co),
+        2 => horizontal_c::<2>(src, y0, rows, out_w, co),
+        3 => horizontal_c::<3>(src, y0, rows, out_w, co),
+        _ => horizontal_c::<4>(src, y0, rows, out_w, co),
+    };
     Raw8 {
         width: out_w,
         height: rows,
-        channels: c,
+        channels: src.channels,
         data,
     }
 }
 
-/// Vertical pass; `co.bounds` are relative to `src`'s first row.
-fn vertical(src: &Raw8, out_h: usize, co: &Coeffs, shift: usize) -> Raw8 {
-    let c = src.channels;
-    let w = src.width;
-    let mut data = vec![0u8; w * out_h * c];
-    for yy in 0..out_h {
-        let (ymin, ymax) = co.bounds[yy];
-        let ymin = ymin - shift;
-        let k = &co.kk[yy * co.ksize..yy * co.ksize + ymax];
-        for xx in 0..w {
-            for ch in 0..c {
-                let mut ss: i64 = 1 << (PRECISION_BITS - 1);
-                for (y, &wt) in k.iter().enumerate() {
-                    ss += i64::from(src.data[((y + ymin) * w + xx) * c + ch]) * i64::from(wt);
+fn horizontal_c<const C: usize>(src: &Raw8, y0: usize, rows: usize, out_w: usize, co: &Coeffs) -> Vec<u8> {
+    let stride = src.width * C;
+    let mut data = vec![0u8; out_w * rows * C];
+    for (yy, out_row) in data.chunks_exact_mut(out_w * C).enumerate() {
+        let row = &src.data[(yy + y0) * stride..(yy + y0 + 1) * stride];
+        for (xx, out_px) in out_row.chunks_exact_mut(C).enumerate() {
+            let (xmin, xmax) = co.bounds[xx];
+            let k = &co.kk[xx * co.ksize..xx * co.ksize + xmax];
+            let taps = &row[xmin * C..(xmin + xmax) * C];
+            let mut ss = [1i64 << (PRECISION_BITS - 1); C];
+            for (px, &w) in taps.chunks_exact(C).zip(k) {
+                for ch in 0..C {
+                    ss[ch] += i64::from(px[ch]) * i64::from(w);
                 }
-                data[(yy * w + xx) * c + ch] = clip8(ss);
+            }
+            for ch in 0..C {
+                out_px[ch] = clip8(ss[ch]);
             }
         }
     }
+    data
+}
+
+/// Vertical pass; `co.bounds` are relative to `src`'s first row plus `shift`. Whole source rows
+/// are accumulated into a row of sums, which walks memory in order instead of down columns.
+fn vertical(src: &Raw8, out_h: usize, co: &Coeffs, shift: usize) -> Raw8 {
+    let stride = src.width * src.channels;
+    let mut data = vec![0u8; stride * out_h];
+    let mut acc = vec![0i64; stride];
+    for (yy, out_row) in data.chunks_exact_mut(stride).enumerate() {
+        let (ymin, ymax) = co.bounds[yy];
+        let ymin = ymin - shift;
+        acc.fill(1i64 << (PRECISION_BITS - 1));
+        for (y, &w) in co.kk[yy * co.ksize..yy * co.ksize + ymax].iter().enumerate() {
+            let row = &src.data[(y + ymin) * stride..(y + ymin + 1) * stride];
+            for (a, &v) in acc.iter_mut().zip(row) {
+                *a += i64::from(v) * i64::from(w);
+            }
+        }
+        for (o, &a) in out_row.iter_mut().zip(&acc) {
+            *o = clip8(a);
+        }
+    }
     Raw8 {
-        width: w,
+        width: src.width,
         height: out_h,
-        channels: c,
+        channels: src.channels,
         data,
     }
 }

@@ -259,7 +259,7 @@ impl ClipConfig {
         if v.width == 0 || v.layers == 0 || v.patch_size == 0 || v.head_width == 0 {
             return bad("vision_cfg: width, layers, patch_size and head_width must be positive".into());
         }
-        if v.width % v.head_width != 0 {
+        if !v.width.is_multiple_of(v.head_width) {
             return bad(format!(
                 "vision_cfg.width {} is not a multiple of head_width {}",
                 v.width, v.head_width
@@ -280,7 +280,7 @@ impl ClipConfig {
         if t.width == 0 || t.heads == 0 || t.layers == 0 || t.context_length == 0 || t.vocab_size == 0 {
             return bad("text_cfg: width, heads, layers, context_length and vocab_size must be positive".into());
         }
-        if t.width % t.heads != 0 {
+        if !t.width.is_multiple_of(t.heads) {
             return bad(format!("text_cfg.width {} is not a multiple of heads {}", t.width, t.heads));
         }
         if !matches!(t.pool_type.as_str(), "argmax" | "first" | "last" | "eos") {
