@@ -110,8 +110,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         "samples_per_s": b as f64 / step_s,
         "loss_first": losses.first(),
         "loss_last": losses.last(),
-    }));
-    Ok(())
+    }))
 }
 
 /// Token rows as the anchor script makes them: SOT, random ids in `[1, vocab - 2)`, EOT last.

@@ -144,6 +144,5 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if !image_embeddings.is_empty() && !text_embeddings.is_empty() {
         out["probs"] = serde_json::json!(zero_shot_probs(&image_embeddings, &text_embeddings, scale, bias.unwrap_or(0.0)));
     }
-    super::print_json(&out);
-    Ok(())
+    super::print_json(&out)
 }

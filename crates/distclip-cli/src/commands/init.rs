@@ -33,6 +33,5 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "model": args.model,
         "params": cfg.num_params(),
         "seed": args.seed,
-    }));
-    Ok(())
+    }))
 }

@@ -9,11 +9,15 @@ pub mod tokenize;
 use anyhow::Context;
 
 /// Print one JSON value as a single line on stdout. A closed pipe (`distclip models | head`)
-/// is not an error worth a panic; the reader has what it wanted.
-pub fn print_json(value: &serde_json::Value) {
+/// is not an error: the reader has what it wanted. Any other write failure (a full disk behind
+/// a redirect) is, since the result would be lost.
+pub fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{value}").and_then(|()| out.flush());
+    match writeln!(out, "{value}").and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing the result to stdout"),
+        _ => Ok(()),
+    }
 }
 
 /// Pin the CPU thread count for the pure-Rust backend (rayon) and, when linked, libtorch.

@@ -24,6 +24,5 @@ pub fn run(_args: Args) -> anyhow::Result<()> {
             "context_length": cfg.text_cfg.context_length,
         }));
     }
-    super::print_json(&serde_json::json!({ "models": rows }));
-    Ok(())
+    super::print_json(&serde_json::json!({ "models": rows }))
 }

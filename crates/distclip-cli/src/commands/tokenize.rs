@@ -18,6 +18,5 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(args.context_length >= 2, "--context-length must be at least 2 (SOT and EOT)");
     let rows = Tokenizer::shared().tokenize_batch(&args.texts, args.context_length);
-    super::print_json(&serde_json::json!({ "tokens": rows }));
-    Ok(())
+    super::print_json(&serde_json::json!({ "tokens": rows }))
 }
