@@ -7,9 +7,10 @@
 //!   (shard, index) and skip reasons.
 //! - [`transform`]: decode (pixel limit), RandomResizedCrop or the eval transform, tokenize.
 //! - [`loader`]: N decode threads, bounded prefetch, seeded shard and sample shuffles, resampled
-//!   mode, batches tagged with positions.
+//!   mode, coordinator-fed shard tasks with skip ranges, batches tagged with positions and
+//!   with the shard tasks they complete.
 //! - [`writer`], [`synth`]: LAION-layout shard writing and a synthetic shapes dataset.
-//! - [`stats`]: stream a spec through the pipeline and count.
+//! - [`stats`]: stream a spec through the pipeline and count; time decoding alone.
 //!
 //! The crate knows nothing of the model: batches are plain `Vec<f32>`/`Vec<i64>`.
 
@@ -22,7 +23,7 @@ pub mod synth;
 pub mod transform;
 pub mod writer;
 
-pub use loader::{Batch, Loader, LoaderConfig, LoaderError, Order, ShardTask};
+pub use loader::{Batch, Loader, LoaderConfig, LoaderError, Order, ShardSummary, ShardTask};
 pub use samples::{RawSample, SamplePos, ShardEvent, ShardReader, SkipReason};
 pub use source::{RetryPolicy, ShardOpener, SourceError};
 pub use spec::{Location, Shard, ShardList, SpecError};

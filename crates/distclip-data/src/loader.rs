@@ -12,10 +12,19 @@
 //!   skipping workers that have finished. Every worker's sequence is a function of the seed, and
 //!   so is the interleave, so batches do not depend on thread timing.
 //!
+//! - [`Order::Feed`] gives up determinism for the coordinator's dynamic leases: whichever worker
+//!   needs a shard next takes the next task from the channel.
+//!
 //! Memory stays flat over any number of shards: each worker holds one open shard, its shuffle
 //! buffer, and `prefetch` decoded examples; samples are never materialised up front.
+//!
+//! Completion: when every sample of a shard task has been delivered in a batch or skipped, the
+//! next batch carries a [`ShardSummary`] in [`Batch::finished`] (see there for the exact rule).
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::ops::Range;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -31,7 +40,7 @@ use crate::stats::FailedShard;
 use crate::transform::{Example, TransformConfig, decode_sample, sample_rng};
 
 /// Which shards an epoch reads, in what order.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum Order {
     /// Every shard exactly once, permuted by `seed + epoch` (no permutation if `shuffle` is off).
     Epoch,
@@ -43,15 +52,83 @@ pub enum Order {
     },
     /// Exactly these shards, from these start indices, in this order (the coordinator's leases).
     Explicit(Vec<ShardTask>),
+    /// Tasks taken from a channel as the workers need them (the coordinator's leases, handed out
+    /// while the epoch runs). A worker takes one task only when it has no open shard and needs
+    /// another sample (to decode, or to fill its shuffle buffer), so at most `threads` tasks are
+    /// held at a time and the rest stay in the channel for other consumers. The loader ends when
+    /// the channel is closed (every sender dropped) and drained. Which worker gets which task
+    /// depends on timing, so batch order is not reproducible in this mode. A task whose shard is
+    /// outside the list is reported as a failed shard, not an error.
+    Feed(Receiver<ShardTask>),
 }
 
-/// One shard to read, from sample `start` on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+impl PartialEq for Order {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Order::Epoch, Order::Epoch) => true,
+            (
+                Order::Resampled {
+                    shards_per_epoch: a,
+                },
+                Order::Resampled {
+                    shards_per_epoch: b,
+                },
+            ) => a == b,
+            (Order::Explicit(a), Order::Explicit(b)) => a == b,
+            // Receivers have no value: equal when they are the same channel.
+            (Order::Feed(a), Order::Feed(b)) => a.same_channel(b),
+            _ => false,
+        }
+    }
+}
+
+/// One shard to read: sample indices from `start` on, except those in `skip`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ShardTask {
     /// Index in the shard list.
     pub shard: usize,
-    /// First sample index to yield.
+    /// First sample index to yield (a resume after a committed prefix).
     pub start: u64,
+    /// Sample-index ranges not to yield (already committed by an earlier holder of the shard).
+    /// They are skipped while reading, before any decoding; they may overlap or be unsorted.
+    pub skip: Vec<Range<u64>>,
+}
+
+impl ShardTask {
+    /// The whole shard.
+    pub fn new(shard: usize) -> Self {
+        Self {
+            shard,
+            ..Default::default()
+        }
+    }
+
+    /// The shard from sample `start` on.
+    pub fn from_index(shard: usize, start: u64) -> Self {
+        Self {
+            shard,
+            start,
+            skip: Vec::new(),
+        }
+    }
+}
+
+/// A shard task that has been read to its end (or failed), reported once in [`Batch::finished`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ShardSummary {
+    /// Index in the shard list.
+    pub shard: usize,
+    /// Sample groups the shard holds, counting every index seen by the reader: those before the
+    /// task's `start`, in its `skip` ranges, delivered, and skipped as bad. For a failed shard,
+    /// the index a resume would start at: the later of the task's `start` and the groups read
+    /// completely before the failure (so the task's `start` when the shard could not be opened).
+    pub samples: u64,
+    /// Indices this task skipped as bad samples (decode errors, missing captions, ...), in
+    /// ascending order. Indices excluded by the task's `start` and `skip` are not listed.
+    pub skipped: Vec<u64>,
+    /// Why the shard ended early (could not be opened, or broke after the retries); `None`
+    /// when it was read to its end.
+    pub failed: Option<String>,
 }
 
 /// Loader settings.
@@ -114,6 +191,14 @@ pub struct Batch {
     pub image_size: usize,
     /// Tokens per caption.
     pub context_length: usize,
+    /// Shard tasks completed by the time this batch was assembled. A summary of shard task `S`
+    /// appears in exactly one batch, and every example of `S` is in that batch or an earlier one
+    /// (a worker sends the summary after the last of the task's samples has been decoded and
+    /// handed on or skipped, on the same ordered channel). So once this batch is consumed, `S`'s
+    /// delivered positions plus `skipped` plus the task's `start`/`skip` cover `0..samples`.
+    /// When the epoch ends with summaries not yet delivered, a last batch with no examples
+    /// carries them (even when `keep_partial` is off and the trailing examples are dropped).
+    pub finished: Vec<ShardSummary>,
 }
 
 impl Batch {
@@ -226,6 +311,7 @@ fn is_power_of_ten(mut n: u64) -> bool {
 
 enum Msg {
     Example(Example),
+    Finished(ShardSummary),
     Done,
 }
 
@@ -240,6 +326,10 @@ pub struct Loader {
     context_length: usize,
     keep_partial: bool,
     failed: bool,
+    /// Summaries received but not yet attached to a batch.
+    finished: Vec<ShardSummary>,
+    /// No more examples will come (all workers done).
+    exhausted: bool,
 }
 
 impl Loader {
@@ -314,6 +404,8 @@ impl Loader {
             context_length: cfg.transform.context_length,
             keep_partial: cfg.keep_partial,
             failed: false,
+            finished: Vec::new(),
+            exhausted: false,
         })
     }
 
@@ -323,24 +415,22 @@ impl Loader {
     }
 
     /// The next example in the deterministic interleave, or `None` when all workers are done.
+    /// Shard summaries met on the way are kept for the batch being assembled; they do not move
+    /// the interleave, so batches stay the same with or without them.
     fn next_example(&mut self) -> Result<Option<Example>, LoaderError> {
         let n = self.receivers.len();
-        for _ in 0..=n {
-            if !self.live.iter().any(|l| *l) {
-                return Ok(None);
-            }
+        while self.live.iter().any(|l| *l) {
             let w = self.next;
             self.next = (self.next + 1) % n;
-            if !self.live[w] {
-                continue;
-            }
-            match self.receivers[w].recv() {
-                Ok(Msg::Example(ex)) => return Ok(Some(ex)),
-                Ok(Msg::Done) => self.live[w] = false,
-                Err(_) => return Err(LoaderError::WorkerDied { worker: w }),
+            while self.live[w] {
+                match self.receivers[w].recv() {
+                    Ok(Msg::Example(ex)) => return Ok(Some(ex)),
+                    Ok(Msg::Finished(s)) => self.finished.push(s),
+                    Ok(Msg::Done) => self.live[w] = false,
+                    Err(_) => return Err(LoaderError::WorkerDied { worker: w }),
+                }
             }
         }
-        // Every pass either yields or retires a worker, so this is reached only when none is live.
         Ok(None)
     }
 }
@@ -349,7 +439,7 @@ impl Iterator for Loader {
     type Item = Result<Batch, LoaderError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.failed {
+        if self.failed || self.exhausted {
             return None;
         }
         let per_image = 3 * self.image_size * self.image_size;
@@ -360,6 +450,7 @@ impl Iterator for Loader {
             keys: Vec::with_capacity(self.batch_size),
             image_size: self.image_size,
             context_length: self.context_length,
+            finished: Vec::new(),
         };
         while batch.len() < self.batch_size {
             match self.next_example() {
@@ -369,15 +460,29 @@ impl Iterator for Loader {
                     batch.positions.push(ex.pos);
                     batch.keys.push(ex.key);
                 }
-                Ok(None) => break,
+                Ok(None) => {
+                    self.exhausted = true;
+                    break;
+                }
                 Err(e) => {
                     self.failed = true;
                     return Some(Err(e));
                 }
             }
         }
+        batch.finished = std::mem::take(&mut self.finished);
         let full = batch.len() == self.batch_size;
-        (full || (self.keep_partial && !batch.is_empty())).then_some(Ok(batch))
+        if !full && !(self.keep_partial && !batch.is_empty()) {
+            if batch.finished.is_empty() {
+                return None;
+            }
+            // Drop the partial examples but deliver the summaries.
+            batch.images.clear();
+            batch.tokens.clear();
+            batch.positions.clear();
+            batch.keys.clear();
+        }
+        Some(Ok(batch))
     }
 }
 
@@ -394,15 +499,10 @@ fn plan(list: &ShardList, cfg: &LoaderConfig) -> Vec<WorkerTasks> {
                     0x5348_4152_4453,
                 ])));
             }
-            deal(
-                order
-                    .into_iter()
-                    .map(|shard| ShardTask { shard, start: 0 })
-                    .collect(),
-                n,
-            )
+            deal(order.into_iter().map(ShardTask::new).collect(), n)
         }
         Order::Explicit(tasks) => deal(tasks.clone(), n),
+        Order::Feed(rx) => (0..n).map(|_| WorkerTasks::Feed(rx.clone())).collect(),
         Order::Resampled { shards_per_epoch } => (0..n)
             .map(|w| {
                 let count = shards_per_epoch.map(|total| total / n + usize::from(w < total % n));
@@ -460,6 +560,7 @@ fn mix(parts: &[u64]) -> u64 {
 
 enum WorkerTasks {
     List(std::vec::IntoIter<ShardTask>),
+    Feed(Receiver<ShardTask>),
     Resampled {
         rng: Box<ChaCha8Rng>,
         cumulative: Arc<Vec<f64>>,
@@ -473,6 +574,8 @@ impl Iterator for WorkerTasks {
     fn next(&mut self) -> Option<ShardTask> {
         match self {
             WorkerTasks::List(it) => it.next(),
+            // Blocks until a task arrives; `None` once the channel is closed and empty.
+            WorkerTasks::Feed(rx) => rx.recv().ok(),
             WorkerTasks::Resampled {
                 rng,
                 cumulative,
@@ -489,7 +592,7 @@ impl Iterator for WorkerTasks {
                 let shard = cumulative
                     .partition_point(|&c| c <= x)
                     .min(cumulative.len() - 1);
-                Some(ShardTask { shard, start: 0 })
+                Some(ShardTask::new(shard))
             }
         }
     }
@@ -504,6 +607,76 @@ struct Worker {
     tasks: WorkerTasks,
 }
 
+/// One open shard task's progress through the worker, for its [`ShardSummary`].
+struct Progress {
+    shard: usize,
+    /// Raw samples the reader handed on (into the shuffle buffer).
+    read: u64,
+    /// Of those, decoded and sent, or skipped.
+    done: u64,
+    skipped: Vec<u64>,
+    /// Set when the reader reached the end: (groups seen, failure).
+    end: Option<(u64, Option<String>)>,
+}
+
+/// Per-worker bookkeeping of open shard tasks, keyed by an open counter (a shard may be open
+/// twice at once in the shuffle buffer when resampled or fed twice).
+#[derive(Default)]
+struct Tracker {
+    open: BTreeMap<u64, Progress>,
+    next_id: u64,
+}
+
+impl Tracker {
+    fn opened(&mut self, shard: usize) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.open.insert(
+            id,
+            Progress {
+                shard,
+                read: 0,
+                done: 0,
+                skipped: Vec::new(),
+                end: None,
+            },
+        );
+        id
+    }
+
+    fn progress(&mut self, id: u64) -> Option<&mut Progress> {
+        self.open.get_mut(&id)
+    }
+
+    /// Send the summaries of tasks whose every sample has been handled; false if the loader
+    /// hung up.
+    fn flush(&mut self, tx: &Sender<Msg>) -> bool {
+        let ready: Vec<u64> = self
+            .open
+            .iter()
+            .filter(|(_, p)| p.end.is_some() && p.done == p.read)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ready {
+            if let Some(p) = self.open.remove(&id) {
+                let (samples, failed) = p.end.unwrap_or_default();
+                let mut skipped = p.skipped;
+                skipped.sort_unstable();
+                let summary = ShardSummary {
+                    shard: p.shard,
+                    samples,
+                    skipped,
+                    failed,
+                };
+                if tx.send(Msg::Finished(summary)).is_err() {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+}
+
 impl Worker {
     fn run(self, tx: Sender<Msg>) {
         let Worker {
@@ -514,6 +687,7 @@ impl Worker {
             counters,
             tasks,
         } = self;
+        let tracker = Rc::new(RefCell::new(Tracker::default()));
         let raw = RawStream {
             list: list.clone(),
             opener,
@@ -521,6 +695,8 @@ impl Worker {
             draws: matches!(tasks, WorkerTasks::Resampled { .. }).then_some((id as u64) << 40),
             tasks,
             current: None,
+            tracker: tracker.clone(),
+            tx: tx.clone(),
         };
         let (bufsize, initial) = if cfg.shuffle {
             (cfg.shuffle_buffer.max(1), cfg.shuffle_initial)
@@ -528,19 +704,20 @@ impl Worker {
             (1, 1)
         };
         let rng = ChaCha8Rng::seed_from_u64(mix(&[cfg.seed, cfg.epoch, id as u64, 0x5348_5546]));
-        for sample in Shuffle::new(raw, bufsize, initial, rng) {
+        for (open_id, sample) in Shuffle::new(raw, bufsize, initial, rng) {
             let salt = if sample.draw == 0 {
                 cfg.epoch
             } else {
                 mix(&[cfg.epoch, sample.draw])
             };
             let mut rng = sample_rng(cfg.seed, salt, sample.pos);
-            match decode_sample(&sample, &cfg.transform, &mut rng) {
+            let skipped = match decode_sample(&sample, &cfg.transform, &mut rng) {
                 Ok(ex) => {
                     counters.samples.fetch_add(1, Ordering::Relaxed);
                     if tx.send(Msg::Example(ex)).is_err() {
                         return; // the loader was dropped
                     }
+                    None
                 }
                 Err(skip) => {
                     let url = list
@@ -548,71 +725,116 @@ impl Worker {
                         .get(sample.pos.shard)
                         .map_or("", |s| s.url.as_str());
                     counters.skip(skip.reason, url, &sample.key, &skip.detail);
+                    Some(sample.pos.index)
                 }
+            };
+            let mut t = tracker.borrow_mut();
+            if let Some(p) = t.progress(open_id) {
+                p.done += 1;
+                p.skipped.extend(skipped);
+            }
+            if !t.flush(&tx) {
+                return;
             }
         }
-        let _ = tx.send(Msg::Done);
+        if tracker.borrow_mut().flush(&tx) {
+            let _ = tx.send(Msg::Done);
+        }
     }
 }
 
-/// A worker's raw samples across its shards, counting member skips and shard failures.
+/// A worker's raw samples across its shards (each tagged with its open counter), counting member
+/// skips and shard failures.
 struct RawStream {
     list: Arc<ShardList>,
     opener: ShardOpener,
     counters: Arc<Counters>,
     tasks: WorkerTasks,
-    current: Option<(ShardTask, ShardReader, u64)>,
+    /// (task's shard, open counter, task's start, reader).
+    current: Option<(usize, u64, u64, ShardReader)>,
     /// Resampled mode: a unique id per shard draw (worker in the high bits); 0 otherwise.
     draws: Option<u64>,
+    tracker: Rc<RefCell<Tracker>>,
+    /// To send finished summaries before blocking on the next task (a fed loader's coordinator
+    /// may wait for them before it sends more).
+    tx: Sender<Msg>,
 }
 
 impl RawStream {
-    fn finish_shard(&mut self) {
-        if let Some((_, reader, counted)) = self.current.take() {
+    fn end_shard(&mut self, samples: u64, failed: Option<String>) {
+        if let Some((_, open_id, _, reader)) = self.current.take() {
             self.counters
                 .bytes
-                .fetch_add(reader.bytes_read() - counted, Ordering::Relaxed);
+                .fetch_add(reader.bytes_read(), Ordering::Relaxed);
             self.counters.shards.fetch_add(1, Ordering::Relaxed);
+            if let Some(p) = self.tracker.borrow_mut().progress(open_id) {
+                p.end = Some((samples, failed));
+            }
+        }
+    }
+
+    /// A task that produced no reader (bad shard index, open failed): summarise it at once.
+    fn fail_task(&mut self, task: &ShardTask, url: String, error: String) {
+        self.counters.fail_shard(FailedShard {
+            shard: task.shard,
+            url,
+            reason: SkipReason::ShardOpenFailed,
+            error: error.clone(),
+            samples_read: task.start,
+        });
+        self.counters.shards.fetch_add(1, Ordering::Relaxed);
+        let mut t = self.tracker.borrow_mut();
+        let id = t.opened(task.shard);
+        if let Some(p) = t.progress(id) {
+            p.end = Some((task.start, Some(error)));
         }
     }
 }
 
 impl Iterator for RawStream {
-    type Item = RawSample;
+    type Item = (u64, RawSample);
 
-    fn next(&mut self) -> Option<RawSample> {
+    fn next(&mut self) -> Option<(u64, RawSample)> {
         loop {
-            let Some((task, reader, _)) = self.current.as_mut() else {
+            let Some((shard, open_id, start, reader)) = self.current.as_mut() else {
+                if !self.tracker.borrow_mut().flush(&self.tx) {
+                    return None;
+                }
                 let task = self.tasks.next()?;
                 if let Some(d) = self.draws.as_mut() {
                     *d += 1;
                 }
-                let url = &self.list.shards[task.shard].url;
-                match self.opener.open(url) {
+                let Some(url) = self.list.shards.get(task.shard).map(|s| s.url.clone()) else {
+                    let error = format!(
+                        "shard {} is outside the shard list of {}; the task names a shard of another spec",
+                        task.shard,
+                        self.list.len()
+                    );
+                    self.fail_task(&task, String::new(), error);
+                    continue;
+                };
+                match self.opener.open(&url) {
                     Ok(stream) => {
-                        self.current =
-                            Some((task, ShardReader::new(stream, task.shard, task.start), 0))
+                        let reader =
+                            ShardReader::with_skip(stream, task.shard, task.start, &task.skip);
+                        let open_id = self.tracker.borrow_mut().opened(task.shard);
+                        self.current = Some((task.shard, open_id, task.start, reader));
                     }
-                    Err(e) => {
-                        self.counters.fail_shard(FailedShard {
-                            shard: task.shard,
-                            url: url.clone(),
-                            reason: SkipReason::ShardOpenFailed,
-                            error: e.to_string(),
-                            samples_read: task.start,
-                        });
-                        self.counters.shards.fetch_add(1, Ordering::Relaxed);
-                    }
+                    Err(e) => self.fail_task(&task, url, e.to_string()),
                 }
                 continue;
             };
-            let url = &self.list.shards[task.shard].url;
+            let (shard, open_id, start) = (*shard, *open_id, *start);
             match reader.next() {
                 Some(ShardEvent::Sample(mut s)) => {
                     s.draw = self.draws.unwrap_or(0);
-                    return Some(s);
+                    if let Some(p) = self.tracker.borrow_mut().progress(open_id) {
+                        p.read += 1;
+                    }
+                    return Some((open_id, s));
                 }
                 Some(ShardEvent::Member { reason, name }) => {
+                    let url = &self.list.shards[shard].url;
                     self.counters
                         .skip(reason, url, &name, "member has no extension")
                 }
@@ -620,14 +842,32 @@ impl Iterator for RawStream {
                     reason,
                     message,
                     next_index,
-                }) => self.counters.fail_shard(FailedShard {
-                    shard: task.shard,
-                    url: url.clone(),
-                    reason,
-                    error: message,
-                    samples_read: next_index,
-                }),
-                None => self.finish_shard(),
+                }) => {
+                    let url = self.list.shards[shard].url.clone();
+                    self.counters.fail_shard(FailedShard {
+                        shard,
+                        url,
+                        reason,
+                        error: message.clone(),
+                        samples_read: next_index,
+                    });
+                    // The reader's next event is its end: it ends the task there.
+                    // A resume starts at the later of the failure and the task's start.
+                    if let Some(p) = self.tracker.borrow_mut().progress(open_id) {
+                        let resume = next_index.max(start);
+                        p.end = Some((resume, Some(format!("{reason}: {message}"))));
+                    }
+                }
+                None => {
+                    let samples = reader.samples_seen();
+                    let failed = self
+                        .tracker
+                        .borrow_mut()
+                        .progress(open_id)
+                        .and_then(|p| p.end.take())
+                        .map_or((samples, None), |e| e);
+                    self.end_shard(failed.0, failed.1);
+                }
             }
         }
     }
@@ -635,16 +875,16 @@ impl Iterator for RawStream {
 
 /// webdataset's `_shuffle`: fill a buffer (two samples per step until full), yield a random
 /// element once `initial` are held (swap-remove), drain at the end.
-struct Shuffle<I> {
+struct Shuffle<I, T> {
     src: I,
-    buf: Vec<RawSample>,
+    buf: Vec<T>,
     bufsize: usize,
     initial: usize,
     rng: ChaCha8Rng,
     exhausted: bool,
 }
 
-impl<I: Iterator<Item = RawSample>> Shuffle<I> {
+impl<I: Iterator<Item = T>, T> Shuffle<I, T> {
     fn new(src: I, bufsize: usize, initial: usize, rng: ChaCha8Rng) -> Self {
         Self {
             src,
@@ -656,7 +896,7 @@ impl<I: Iterator<Item = RawSample>> Shuffle<I> {
         }
     }
 
-    fn pick(&mut self) -> Option<RawSample> {
+    fn pick(&mut self) -> Option<T> {
         if self.buf.is_empty() {
             return None;
         }
@@ -665,10 +905,10 @@ impl<I: Iterator<Item = RawSample>> Shuffle<I> {
     }
 }
 
-impl<I: Iterator<Item = RawSample>> Iterator for Shuffle<I> {
-    type Item = RawSample;
+impl<I: Iterator<Item = T>, T> Iterator for Shuffle<I, T> {
+    type Item = T;
 
-    fn next(&mut self) -> Option<RawSample> {
+    fn next(&mut self) -> Option<T> {
         while !self.exhausted {
             match self.src.next() {
                 None => self.exhausted = true,
@@ -820,8 +1060,8 @@ mod tests {
         let (list, opener) = dataset(3, 6);
         let mut c = cfg(2, 0);
         c.order = Order::Explicit(vec![
-            ShardTask { shard: 2, start: 4 },
-            ShardTask { shard: 0, start: 5 },
+            ShardTask::from_index(2, 4),
+            ShardTask::from_index(0, 5),
         ]);
         let (batches, _) = run(&list, &opener, c);
         let mut got: Vec<SamplePos> = batches.iter().flat_map(|b| b.positions.clone()).collect();
@@ -829,7 +1069,7 @@ mod tests {
         let p = |shard, index| SamplePos { shard, index };
         assert_eq!(got, [p(0, 5), p(2, 4), p(2, 5)]);
         let mut bad = cfg(1, 0);
-        bad.order = Order::Explicit(vec![ShardTask { shard: 3, start: 0 }]);
+        bad.order = Order::Explicit(vec![ShardTask::new(3)]);
         assert!(matches!(
             Loader::new(list, opener, bad),
             Err(LoaderError::Config(_))
@@ -897,10 +1137,212 @@ mod tests {
         let mut c = cfg(2, 0);
         c.keep_partial = false;
         let (batches, _) = run(&list, &opener, c);
-        assert_eq!(batches.len(), 1);
+        // The partial batch's examples are dropped; its shard summaries are not.
+        assert_eq!(batches.iter().map(Batch::len).collect::<Vec<_>>(), [4, 0]);
+        assert_eq!(batches.iter().map(|b| b.finished.len()).sum::<usize>(), 2);
         // Dropping the loader early stops the workers (their sends fail) without hanging.
         let loader = Loader::new(list, opener, cfg(2, 0)).unwrap();
         drop(loader);
+    }
+
+    /// Like [`dataset`], but sample `i` of every shard has a zero-byte image when `bad(i)`.
+    fn dataset_with_bad(
+        shards: usize,
+        per: usize,
+        bad: impl Fn(usize) -> bool,
+    ) -> (Arc<ShardList>, ShardOpener) {
+        let img = jpeg(12, 10, 3);
+        let objects: Vec<(String, Vec<u8>)> = (0..shards)
+            .map(|s| {
+                let names: Vec<(String, Vec<u8>)> = (0..per)
+                    .flat_map(|i| {
+                        let image = if bad(i) { Vec::new() } else { img.clone() };
+                        [
+                            (format!("s{s}_{i}.jpg"), image),
+                            (format!("s{s}_{i}.txt"), b"c".to_vec()),
+                        ]
+                    })
+                    .collect();
+                let members: Vec<(&str, &[u8])> = names
+                    .iter()
+                    .map(|(n, d)| (n.as_str(), d.as_slice()))
+                    .collect();
+                (format!("d/{s:03}.tar"), tar_of(&members))
+            })
+            .collect();
+        let refs: Vec<(&str, Vec<u8>)> = objects
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.clone()))
+            .collect();
+        let (opener, _) = memory_opener(&refs, RetryPolicy::fast(2));
+        let spec = format!("memory:///d/{{000..{:03}}}.tar", shards - 1);
+        (Arc::new(ShardList::parse(&spec).unwrap()), opener)
+    }
+
+    fn all_positions(batches: &[Batch]) -> Vec<SamplePos> {
+        let mut v: Vec<SamplePos> = batches.iter().flat_map(|b| b.positions.clone()).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn skip_ranges_are_not_yielded_and_the_summary_accounts_for_every_index() {
+        let (list, opener) = dataset_with_bad(2, 8, |i| i == 5);
+        let mut c = cfg(2, 0);
+        c.order = Order::Explicit(vec![
+            ShardTask {
+                shard: 1,
+                start: 1,
+                skip: vec![2..4, 6..7],
+            },
+            ShardTask::new(0),
+        ]);
+        let (batches, counts) = run(&list, &opener, c);
+        let p = |shard, index| SamplePos { shard, index };
+        let want: Vec<SamplePos> = [0, 1, 2, 3, 4, 6, 7]
+            .map(|i| p(0, i))
+            .into_iter()
+            .chain([1, 4, 7].map(|i| p(1, i)))
+            .collect();
+        assert_eq!(all_positions(&batches), want);
+        let mut summaries: Vec<ShardSummary> =
+            batches.iter().flat_map(|b| b.finished.clone()).collect();
+        summaries.sort_by_key(|s| s.shard);
+        let summary = |shard, skipped: Vec<u64>| ShardSummary {
+            shard,
+            samples: 8,
+            skipped,
+            failed: None,
+        };
+        // Index 5 is bad in both shards: skipped as bad in each, since neither task excluded it.
+        assert_eq!(summaries, [summary(0, vec![5]), summary(1, vec![5])]);
+        assert_eq!(counts.skipped, [(SkipReason::ZeroByteMember, 2)].into());
+    }
+
+    #[test]
+    fn a_summary_follows_the_last_example_of_its_shard() {
+        let (list, opener) = dataset_with_bad(6, 5, |i| i % 4 == 1);
+        for (threads, shuffle, keep_partial) in
+            [(1, false, true), (3, true, true), (2, true, false)]
+        {
+            let mut c = cfg(threads, 7);
+            c.shuffle = shuffle;
+            c.keep_partial = keep_partial;
+            c.batch_size = 3;
+            let (batches, _) = run(&list, &opener, c);
+            let mut seen: HashSet<usize> = HashSet::new();
+            for (i, b) in batches.iter().enumerate() {
+                for s in &b.finished {
+                    assert!(seen.insert(s.shard), "shard {} summarised twice", s.shard);
+                    assert_eq!((s.samples, &s.skipped, &s.failed), (5, &vec![1], &None));
+                    // No example of a finished shard comes later.
+                    let later = batches[i + 1..]
+                        .iter()
+                        .flat_map(|b| &b.positions)
+                        .filter(|p| p.shard == s.shard)
+                        .count();
+                    assert_eq!(later, 0, "shard {} has examples after its summary", s.shard);
+                }
+            }
+            assert_eq!(seen.len(), 6);
+            let delivered: usize = batches.iter().map(Batch::len).sum();
+            assert_eq!(delivered, 6 * 4);
+            // Only the last batch may be empty (it then carries the last summaries).
+            let empty: Vec<usize> = (0..batches.len())
+                .filter(|&i| batches[i].is_empty())
+                .collect();
+            assert!(
+                empty.is_empty() || empty == [batches.len() - 1],
+                "{empty:?}"
+            );
+        }
+        // Without the partial batch, its summaries still arrive, in a batch with no examples.
+        let (list, opener) = dataset(2, 3);
+        let mut c = cfg(1, 0);
+        c.keep_partial = false;
+        c.shuffle = false;
+        let (batches, _) = run(&list, &opener, c);
+        assert_eq!(batches.iter().map(Batch::len).collect::<Vec<_>>(), [4, 0]);
+        let shards = |b: &Batch| b.finished.iter().map(|s| s.shard).collect::<Vec<_>>();
+        assert_eq!(
+            (shards(&batches[0]), shards(&batches[1])),
+            (vec![0], vec![1])
+        );
+    }
+
+    #[test]
+    fn failed_shards_are_summarised_with_the_failure() {
+        let (list, opener) = dataset(2, 3);
+        let mut list = (*list).clone();
+        list.shards[1].url = "memory:///d/missing.tar".into();
+        let mut c = cfg(1, 0);
+        c.shuffle = false;
+        let (batches, _) = run(&Arc::new(list), &opener, c);
+        let summaries: Vec<ShardSummary> =
+            batches.iter().flat_map(|b| b.finished.clone()).collect();
+        assert_eq!(summaries.len(), 2);
+        assert_eq!((summaries[0].shard, summaries[0].samples), (0, 3));
+        assert_eq!(summaries[0].failed, None);
+        assert_eq!((summaries[1].shard, summaries[1].samples), (1, 0));
+        let err = summaries[1].failed.as_deref().unwrap_or_default();
+        assert!(err.contains("missing.tar"), "{err}");
+    }
+
+    #[test]
+    fn fed_tasks_are_taken_as_needed_until_the_channel_closes() {
+        let (list, opener) = dataset(10, 3);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        for s in 0..10 {
+            tx.send(ShardTask::new(s)).unwrap();
+        }
+        // A task for a shard this list does not have: reported, not fatal.
+        tx.send(ShardTask::new(99)).unwrap();
+        let probe = rx.clone();
+        let mut c = cfg(2, 0);
+        c.order = Order::Feed(rx);
+        c.batch_size = 1;
+        c.prefetch = 1;
+        c.shuffle = false;
+        let loader = Loader::new(list, opener, c).unwrap();
+        drop(tx);
+        let mut batches = Vec::new();
+        let mut summarised = 0;
+        for b in loader {
+            let b = b.unwrap();
+            summarised += b.finished.len();
+            // Per worker at most one open task plus one finished task whose summary has not
+            // reached us yet (one in its channel of 1, or one being sent): a loader that drained
+            // the channel ahead of need would have taken all 11 at once.
+            let taken = 11 - probe.len();
+            assert!(
+                taken <= summarised + 2 * 2,
+                "{taken} tasks taken with {summarised} summarised"
+            );
+            batches.push(b);
+        }
+        let want: Vec<SamplePos> = (0..10)
+            .flat_map(|s| (0..3).map(move |i| SamplePos { shard: s, index: i }))
+            .collect();
+        assert_eq!(all_positions(&batches), want);
+        let mut summaries: Vec<ShardSummary> =
+            batches.iter().flat_map(|b| b.finished.clone()).collect();
+        summaries.sort_by_key(|s| s.shard);
+        assert_eq!(summaries.len(), 11);
+        assert!(
+            summaries[..10]
+                .iter()
+                .all(|s| s.samples == 3 && s.failed.is_none())
+        );
+        let bad = &summaries[10];
+        assert_eq!((bad.shard, bad.samples), (99, 0));
+        assert!(
+            bad.failed
+                .as_deref()
+                .unwrap_or_default()
+                .contains("outside the shard list of 10"),
+            "{bad:?}"
+        );
+        assert_eq!(probe.len(), 0);
     }
 
     #[test]

@@ -12,6 +12,7 @@
 
 use std::collections::VecDeque;
 use std::io::{BufRead, Read};
+use std::ops::Range;
 use std::sync::Arc;
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -176,6 +177,20 @@ pub enum ShardEvent {
     },
 }
 
+/// Sort and merge ranges into disjoint, non-empty ones.
+fn normalize_ranges(ranges: impl Iterator<Item = Range<u64>>) -> Vec<Range<u64>> {
+    let mut v: Vec<Range<u64>> = ranges.filter(|r| r.start < r.end).collect();
+    v.sort_by_key(|r| r.start);
+    let mut out: Vec<Range<u64>> = Vec::with_capacity(v.len());
+    for r in v {
+        match out.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
 /// webdataset's `base_plus_ext` regex, `^((?:.*/|)[^.]+)[.]([^/]*)$`: the key is the path up to
 /// the first dot after the last slash. (The `webdataset` crate's `base_plus_ext` differs on names
 /// like `x/.hidden.txt`, which the regex splits as `("x/", "hidden.txt")`.)
@@ -200,12 +215,14 @@ impl<R: Read> Read for Counting<R> {
     }
 }
 
-/// Streams one shard and yields its samples from `start` on.
+/// Streams one shard and yields its samples from `start` on, except those in skip ranges.
 pub struct ShardReader {
     entries: TarEntries<Counting<Box<dyn Read + Send>>>,
     bytes: Arc<AtomicU64>,
     shard: usize,
-    start: u64,
+    /// Sample indices not to yield (`0..start` and the caller's ranges), sorted, disjoint,
+    /// non-empty, so membership is a binary search.
+    skip: Vec<Range<u64>>,
     next_index: u64,
     entries_read: u64,
     current: Option<RawSample>,
@@ -217,6 +234,20 @@ impl ShardReader {
     /// Read the tar (or gzip-compressed tar, detected by its magic bytes) in `reader` as shard
     /// number `shard`, skipping the first `start` samples without decoding them.
     pub fn new(reader: impl Read + Send + 'static, shard: usize, start: u64) -> ShardReader {
+        Self::with_skip(reader, shard, start, &[])
+    }
+
+    /// As [`ShardReader::new`], and also skip the samples whose indices fall in any of `skip`
+    /// (ranges already committed by an earlier holder of the shard). Skipped samples are grouped
+    /// (so later indices stay exact) but their member bytes are dropped unread by the decoder,
+    /// and they produce no events, not even [`ShardEvent::Member`] for extensionless members
+    /// that precede them. Ranges may overlap, be empty or be unsorted.
+    pub fn with_skip(
+        reader: impl Read + Send + 'static,
+        shard: usize,
+        start: u64,
+        skip: &[Range<u64>],
+    ) -> ShardReader {
         let mut buffered = std::io::BufReader::with_capacity(1 << 16, reader);
         let gz = matches!(buffered.fill_buf(), Ok(b) if b.starts_with(&[0x1f, 0x8b]));
         let reader: Box<dyn Read + Send> = if gz {
@@ -232,7 +263,7 @@ impl ShardReader {
             }),
             bytes,
             shard,
-            start,
+            skip: normalize_ranges(skip.iter().cloned().chain([0..start])),
             next_index: 0,
             entries_read: 0,
             current: None,
@@ -241,15 +272,27 @@ impl ShardReader {
         }
     }
 
+    /// Sample groups seen so far, wanted or not: once the reader has ended cleanly, the number
+    /// of samples in the shard.
+    pub fn samples_seen(&self) -> u64 {
+        self.next_index
+    }
+
     /// Bytes read from the (decompressed) stream so far.
     pub fn bytes_read(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)
     }
 
-    /// Close the current group and queue it if it is at or past the start index.
+    /// Whether sample `index` is to be yielded (not before the start, not in a skip range).
+    fn wanted(&self, index: u64) -> bool {
+        let i = self.skip.partition_point(|r| r.end <= index);
+        self.skip.get(i).is_none_or(|r| r.start > index)
+    }
+
+    /// Close the current group and queue it if it is wanted.
     fn close_current(&mut self, cut_by_duplicate: bool) {
         if let Some(mut s) = self.current.take()
-            && s.pos.index >= self.start
+            && self.wanted(s.pos.index)
         {
             s.cut_by_duplicate = cut_by_duplicate;
             self.queue.push_back(ShardEvent::Sample(s));
@@ -261,7 +304,8 @@ impl ShardReader {
             return;
         }
         let Some((prefix, suffix)) = base_plus_ext(&name) else {
-            if self.next_index >= self.start {
+            // Attributed to the group that follows it, so that exactly one holder reports it.
+            if self.wanted(self.next_index) {
                 self.queue.push_back(ShardEvent::Member {
                     reason: SkipReason::NoExtension,
                     name,
@@ -290,8 +334,10 @@ impl ShardReader {
             });
             self.next_index += 1;
         }
-        if let Some(c) = self.current.as_mut()
-            && c.pos.index >= self.start
+        let index = self.current.as_ref().map(|c| c.pos.index);
+        if let Some(i) = index
+            && self.wanted(i)
+            && let Some(c) = self.current.as_mut()
         {
             c.members.push((suffix, data));
         }
@@ -458,6 +504,43 @@ pub(crate) mod tests {
                 .map(|(k, i, _)| (k.as_str(), *i))
                 .collect::<Vec<_>>(),
             [("003", 3), ("004", 4)]
+        );
+    }
+
+    #[test]
+    fn skip_ranges_drop_exactly_those_samples() {
+        let names: Vec<String> = (0..10)
+            .flat_map(|i| [format!("{i:03}.jpg"), format!("{i:03}.txt")])
+            .chain(["zz_noext".to_string()])
+            .collect();
+        let mut members: Vec<(&str, &[u8])> =
+            names.iter().map(|n| (n.as_str(), &b"x"[..])).collect();
+        // An extensionless member before sample 5 (skipped) and one before sample 8 (wanted).
+        members.insert(10, ("noext5", b"m"));
+        members.insert(17, ("noext8", b"m"));
+        let tar = tar_of(&members);
+        let events: Vec<ShardEvent> = ShardReader::with_skip(
+            std::io::Cursor::new(tar),
+            1,
+            2,
+            // Unsorted, overlapping and empty ranges are accepted.
+            &[6..7, 4..6, 5..6, 9..9, 0..1],
+        )
+        .collect();
+        let got: Vec<u64> = keys(&events).iter().map(|(_, i, _)| *i).collect();
+        assert_eq!(got, [2, 3, 7, 8, 9]);
+        let members: Vec<&str> = events
+            .iter()
+            .filter_map(|e| match e {
+                ShardEvent::Member { name, .. } => Some(name.as_str()),
+                _ => None,
+            })
+            .collect();
+        // zz_noext follows the last sample: it is attributed to index 10, which is wanted.
+        assert_eq!(members, ["noext8", "zz_noext"]);
+        assert_eq!(
+            normalize_ranges([3..5, 1..2, 4..8, 8..9, 7..7].into_iter()),
+            [1..2, 3..9]
         );
     }
 
