@@ -8,10 +8,10 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::loader::{Loader, LoaderConfig, LoaderError, Order};
-use crate::samples::SkipReason;
+use crate::samples::{ShardEvent, ShardReader, SkipReason};
 use crate::source::{RetryPolicy, ShardOpener};
 use crate::spec::{ShardList, SpecError};
-use crate::transform::{Augment, TransformConfig};
+use crate::transform::{Augment, IMAGE_KEYS, TransformConfig};
 
 /// A shard that ended early (could not be opened, or broke part way).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -56,14 +56,9 @@ pub struct DataStats {
 pub struct StatsOptions {
     /// Decode threads.
     pub threads: usize,
-    /// Output image side (decode and transform at this size).
-    pub image_size: usize,
-    /// `None` for the eval transform, `Augment::train()` for the train path.
-    pub augment: Augment,
-    /// Caption from this `json` field instead of `txt`.
-    pub caption_key: Option<String>,
-    /// Image pixel limit.
-    pub max_pixels: u64,
+    /// Decoding and transform: image size, eval (`Augment::None`, the default here) or train
+    /// augmentation, caption key, pixel and caption limits.
+    pub transform: TransformConfig,
     /// Stop after this many examples (`None`: the whole spec).
     pub max_samples: Option<u64>,
     /// Retry policy for opening and reading shards.
@@ -74,10 +69,10 @@ impl Default for StatsOptions {
     fn default() -> Self {
         Self {
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            image_size: 224,
-            augment: Augment::None,
-            caption_key: None,
-            max_pixels: distclip_image::DEFAULT_MAX_PIXELS,
+            transform: TransformConfig {
+                augment: Augment::None,
+                ..Default::default()
+            },
             max_samples: None,
             retry: RetryPolicy::default(),
         }
@@ -112,12 +107,132 @@ pub fn bench_data(
 ) -> Result<DataStats, StatsError> {
     let opts = StatsOptions {
         threads,
-        image_size,
-        augment: Augment::train(),
+        transform: TransformConfig {
+            image_size,
+            augment: Augment::train(),
+            ..Default::default()
+        },
         max_samples,
         ..Default::default()
     };
     data_stats(spec, &opts)
+}
+
+/// JPEG (PNG, WebP) decoding alone over the spec, the floor any pipeline pays per image: each
+/// of `threads` threads reads its share of the shards (shard `i` goes to thread `i % threads`)
+/// with the same reader as the loader and decodes each sample's image to pixels, with no
+/// crop, resize, normalisation or tokenization. Bad images are counted by reason; samples
+/// without an image are ignored. Stops after about `max_samples` decoded images (`None`: all).
+pub fn decode_only(
+    list: Arc<ShardList>,
+    opener: ShardOpener,
+    threads: usize,
+    max_pixels: u64,
+    max_samples: Option<u64>,
+) -> DataStats {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let threads = threads.max(1);
+    let decoded = AtomicU64::new(0);
+    let bytes = AtomicU64::new(0);
+    let shards = AtomicU64::new(0);
+    let skipped: std::sync::Mutex<BTreeMap<String, u64>> = Default::default();
+    let failed: std::sync::Mutex<Vec<FailedShard>> = Default::default();
+    let count = |reason: SkipReason| {
+        if let Ok(mut m) = skipped.lock() {
+            *m.entry(reason.name().to_string()).or_insert(0) += 1;
+        }
+    };
+    let enough = || max_samples.is_some_and(|m| decoded.load(Ordering::Relaxed) >= m);
+    let start = Instant::now();
+    std::thread::scope(|scope| {
+        for t in 0..threads {
+            let (list, opener) = (&list, &opener);
+            let (decoded, bytes, shards, failed, count) =
+                (&decoded, &bytes, &shards, &failed, &count);
+            let enough = &enough;
+            scope.spawn(move || {
+                for (i, shard) in list.shards.iter().enumerate().skip(t).step_by(threads) {
+                    if enough() {
+                        return;
+                    }
+                    shards.fetch_add(1, Ordering::Relaxed);
+                    let stream = match opener.open(&shard.url) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            count(SkipReason::ShardOpenFailed);
+                            if let Ok(mut f) = failed.lock() {
+                                f.push(FailedShard {
+                                    shard: i,
+                                    url: shard.url.clone(),
+                                    reason: SkipReason::ShardOpenFailed,
+                                    error: e.to_string(),
+                                    samples_read: 0,
+                                });
+                            }
+                            continue;
+                        }
+                    };
+                    let mut reader = ShardReader::new(stream, i, 0);
+                    for event in reader.by_ref() {
+                        match event {
+                            ShardEvent::Sample(raw) => {
+                                let Some(img) = IMAGE_KEYS.iter().find_map(|k| raw.get(k)) else {
+                                    continue;
+                                };
+                                match distclip_image::decode(img, max_pixels) {
+                                    Ok(_) => {
+                                        decoded.fetch_add(1, Ordering::Relaxed);
+                                    }
+                                    Err(distclip_image::ImageError::TooLarge { .. }) => {
+                                        count(SkipReason::ImageTooLarge)
+                                    }
+                                    Err(_) => count(SkipReason::ImageDecodeError),
+                                }
+                                if enough() {
+                                    break;
+                                }
+                            }
+                            ShardEvent::Member { reason, .. } => count(reason),
+                            ShardEvent::Failed {
+                                reason,
+                                message,
+                                next_index,
+                            } => {
+                                count(reason);
+                                if let Ok(mut f) = failed.lock() {
+                                    f.push(FailedShard {
+                                        shard: i,
+                                        url: shard.url.clone(),
+                                        reason,
+                                        error: message,
+                                        samples_read: next_index,
+                                    });
+                                }
+                            }
+                        }
+                    }
+                    bytes.fetch_add(reader.bytes_read(), Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    let seconds = start.elapsed().as_secs_f64();
+    let samples = decoded.load(Ordering::Relaxed);
+    DataStats {
+        samples,
+        shards: shards.load(Ordering::Relaxed),
+        skipped: skipped.into_inner().unwrap_or_default(),
+        failed_shards: failed.into_inner().unwrap_or_default(),
+        samples_per_s: if seconds > 0.0 {
+            samples as f64 / seconds
+        } else {
+            0.0
+        },
+        seconds,
+        bytes: bytes.load(Ordering::Relaxed),
+        threads,
+        image_size: 0,
+    }
 }
 
 /// [`data_stats`] over an already expanded list with a given opener (tests, injected stores).
@@ -141,13 +256,7 @@ pub fn data_stats_with(
         shuffle: false,
         prefetch: 32,
         keep_partial: true,
-        transform: TransformConfig {
-            image_size: opts.image_size,
-            augment: opts.augment.clone(),
-            max_pixels: opts.max_pixels,
-            caption_key: opts.caption_key.clone(),
-            ..Default::default()
-        },
+        transform: opts.transform.clone(),
         ..Default::default()
     };
     let start = Instant::now();
@@ -179,7 +288,7 @@ pub fn data_stats_with(
         seconds,
         bytes: snap.bytes,
         threads: opts.threads.max(1),
-        image_size: opts.image_size,
+        image_size: opts.transform.image_size,
     })
 }
 
@@ -271,8 +380,12 @@ mod tests {
         let list = ShardList::parse("memory:///d/{0..4}.tar::memory://flaky/5.tar").unwrap();
         let opts = StatsOptions {
             threads: 2,
-            image_size: 8,
-            max_pixels: 10_000,
+            transform: TransformConfig {
+                image_size: 8,
+                max_pixels: 10_000,
+                augment: Augment::None,
+                ..Default::default()
+            },
             retry: RetryPolicy::fast(2),
             ..Default::default()
         };
@@ -321,5 +434,48 @@ mod tests {
         let f3 = stats.failed_shards.iter().find(|f| f.shard == 3).unwrap();
         assert_eq!(f3.url, "memory:///d/3.tar");
         assert!(f3.error.contains("after 2 attempts"), "{}", f3.error);
+    }
+
+    #[test]
+    fn decode_only_decodes_every_image_and_counts_the_bad_ones() {
+        let good = jpeg(12, 10, 1);
+        let big = jpeg(200, 100, 2);
+        let mut corrupt = good.clone();
+        for b in corrupt.iter_mut().skip(2).take(200) {
+            *b = 0x11;
+        }
+        let inner: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+        put_all(
+            &inner,
+            &[
+                (
+                    "d/0.tar",
+                    tar_of(&[
+                        ("a.jpg", &good),
+                        ("a.txt", b"x"),
+                        ("b.png", &good),
+                        ("c.jpg", &corrupt),
+                        ("d.jpg", &big),
+                        ("e.txt", b"no image: ignored"),
+                    ]),
+                ),
+                ("d/1.tar", b"not a tar".repeat(100)),
+            ],
+        );
+        let opener = ShardOpener::new(RetryPolicy::fast(1)).with_store("memory", "", inner);
+        let list = ShardList::parse("memory:///d/{0..2}.tar").unwrap();
+        let stats = decode_only(Arc::new(list), opener, 2, 10_000, None);
+        assert_eq!((stats.samples, stats.shards), (2, 3));
+        let want: BTreeMap<String, u64> = [
+            ("image_decode_error", 1),
+            ("image_too_large", 1),
+            ("not_a_tar", 1),
+            ("shard_open_failed", 1),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        assert_eq!(stats.skipped, want);
+        assert_eq!(stats.failed_shards.len(), 2);
     }
 }

@@ -131,7 +131,11 @@ fn python_shards_through_the_loader_with_txt_or_json_captions() {
 
     let opts = StatsOptions {
         threads: 1,
-        image_size: 16,
+        transform: TransformConfig {
+            image_size: 16,
+            augment: Augment::None,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let stats = data_stats(&spec, &opts).unwrap();
