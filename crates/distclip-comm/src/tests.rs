@@ -1,0 +1,303 @@
+//! Collectives on loopback rings of W = 1..4, each rank a task with its own server.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+
+use crate::{CommError, CommOptions, Group, GroupSpec, PeerServer, Transport, block_range, fetch_state};
+
+fn opts(transport: Transport) -> CommOptions {
+    // 64-byte pieces: the test lengths span many pieces per block.
+    CommOptions { timeout: Duration::from_secs(10), chunk_bytes: 64, max_chunk_bytes: 1 << 16, token: None, transport }
+}
+
+async fn servers(w: usize, o: &CommOptions) -> Vec<PeerServer> {
+    let mut out = Vec::new();
+    for _ in 0..w {
+        out.push(PeerServer::bind("127.0.0.1:0".parse().unwrap(), o.clone()).await.unwrap());
+    }
+    out
+}
+
+fn addrs(servers: &[PeerServer]) -> Vec<String> {
+    servers.iter().map(|s| s.local_addr().to_string()).collect()
+}
+
+async fn ring(servers: &[PeerServer], quorum_id: u64) -> Vec<Group> {
+    let peers = addrs(servers);
+    let groups = join_all(
+        servers.iter().enumerate().map(|(rank, s)| Group::connect(s, GroupSpec { quorum_id, rank, peers: peers.clone() })),
+    )
+    .await;
+    groups.into_iter().map(|g| g.unwrap()).collect()
+}
+
+/// Integer-valued inputs, so every summation order gives the exact same float.
+fn input(rank: usize, n: usize) -> Vec<f32> {
+    (0..n).map(|i| ((rank * 7 + i * 3) % 11) as f32 - 5.0).collect()
+}
+
+fn plain_sum(w: usize, n: usize) -> Vec<f32> {
+    (0..n).map(|i| (0..w).map(|r| input(r, n)[i]).sum()).collect()
+}
+
+async fn check_collectives(w: usize, transport: Transport) {
+    let o = opts(transport);
+    let srv = servers(w, &o).await;
+    let groups = ring(&srv, 1).await;
+    // 16 f32 per piece: 103 is not divisible by 2, 3 or 4 and spans several pieces per block;
+    // 2 is smaller than some worlds (empty blocks); 0 is the degenerate case.
+    for n in [103usize, 2, 0] {
+        let want = plain_sum(w, n);
+        let reduced = join_all(groups.iter().map(|g| async move {
+            let mut buf = input(g.rank(), n);
+            g.all_reduce_sum(&mut buf).await.map(|()| buf)
+        }))
+        .await;
+        for r in reduced {
+            assert_eq!(r.unwrap(), want, "all_reduce W={w} n={n} {transport:?}");
+        }
+        let gathered = join_all(groups.iter().map(|g| async move { g.all_gather(&input(g.rank(), n)).await })).await;
+        let concat: Vec<f32> = (0..w).flat_map(|r| input(r, n)).collect();
+        for g in gathered {
+            assert_eq!(g.unwrap(), concat, "all_gather W={w} n={n}");
+        }
+        let scattered = join_all(groups.iter().map(|g| async move { g.reduce_scatter_sum(&input(g.rank(), n)).await })).await;
+        for (rank, s) in scattered.into_iter().enumerate() {
+            assert_eq!(s.unwrap(), want[block_range(n, w, rank)].to_vec(), "reduce_scatter W={w} n={n} rank {rank}");
+        }
+    }
+    // Broadcast from the last rank: 1000 bytes (16 pieces); the others start with other contents.
+    let root = w - 1;
+    let payload: Vec<u8> = (0..1000u32).map(|i| (i * 31 % 251) as u8).collect();
+    let got = join_all(groups.iter().map(|g| {
+        let payload = payload.clone();
+        async move {
+            let mut buf = if g.rank() == root { payload } else { vec![7u8; g.rank() * 5] };
+            g.broadcast(&mut buf, root).await.map(|()| buf)
+        }
+    }))
+    .await;
+    for b in got {
+        assert_eq!(b.unwrap(), payload, "broadcast W={w}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collectives_equal_plain_sums_for_1_to_4_ranks_over_tcp() {
+    for w in 1..=4 {
+        check_collectives(w, Transport::Tcp).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collectives_equal_plain_sums_over_grpc_streams() {
+    for w in [2, 3] {
+        check_collectives(w, Transport::Grpc).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_reduce_is_bit_identical_across_ranks_on_real_floats() {
+    let w = 3;
+    let o = opts(Transport::Tcp);
+    let srv = servers(w, &o).await;
+    let groups = ring(&srv, 1).await;
+    let n = 1001;
+    // Non-integer values whose sum depends on the order of additions.
+    let data = |r: usize| -> Vec<f32> { (0..n).map(|i| ((i * 7 + r * 13) as f32 * 0.37).sin() * 10f32.powi((i % 7) as i32 - 3)).collect() };
+    let out = join_all(groups.iter().map(|g| async move {
+        let mut b = data(g.rank());
+        g.all_reduce_sum(&mut b).await.map(|()| b)
+    }))
+    .await;
+    let out: Vec<Vec<f32>> = out.into_iter().map(Result::unwrap).collect();
+    let bits = |v: &Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&out[0]), bits(&out[1]));
+    assert_eq!(bits(&out[0]), bits(&out[2]));
+    for i in 0..n {
+        let exact: f64 = (0..w).map(|r| data(r)[i] as f64).sum();
+        assert!((out[0][i] as f64 - exact).abs() <= 1e-5 * (1.0 + exact.abs()), "element {i}: {} vs {exact}", out[0][i]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_quorum_is_refused_locally_and_by_the_peer() {
+    let o = opts(Transport::Tcp);
+    let srv = servers(2, &o).await;
+    let peers = addrs(&srv);
+    // Rank 1's worker has moved on to quorum 6 (a ring of its own is enough to enter it).
+    let _solo = Group::connect(&srv[1], GroupSpec { quorum_id: 6, rank: 0, peers: vec![peers[1].clone()] }).await.unwrap();
+    let err = Group::connect(&srv[0], GroupSpec { quorum_id: 5, rank: 0, peers: peers.clone() }).await.err().unwrap();
+    match &err {
+        CommError::StaleQuorum { ours: 5, theirs: 6, peer, .. } => assert_eq!(peer.rank, Some(1)),
+        other => panic!("expected a stale-quorum refusal, got {other}"),
+    }
+    assert!(err.to_string().contains(&peers[1]), "{err}");
+    // And rank 1's own server refuses to go back to quorum 5.
+    let err = Group::connect(&srv[1], GroupSpec { quorum_id: 5, rank: 1, peers }).await.err().unwrap();
+    assert!(matches!(err, CommError::StaleQuorum { ours: 6, theirs: 5, .. }), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_dies_is_named_within_the_timeout() {
+    let o = CommOptions { timeout: Duration::from_millis(800), ..opts(Transport::Tcp) };
+    let mut srv = servers(3, &o).await;
+    let peers = addrs(&srv);
+    let mut groups = ring(&srv, 1).await;
+    // Rank 2 dies: its group and server go away.
+    drop(groups.pop());
+    drop(srv.pop());
+    let t = Instant::now();
+    let mut buf = input(0, 103);
+    let err = groups[0].all_reduce_sum(&mut buf).await.unwrap_err();
+    assert!(t.elapsed() < Duration::from_millis(800) + Duration::from_millis(500), "took {:?}", t.elapsed());
+    assert!(err.to_string().contains(&format!("rank 2 at {}", peers[2])), "{err}");
+    // The group is broken from now on.
+    let err = groups[0].all_gather(&[1.0]).await.unwrap_err();
+    assert!(matches!(err, CommError::Broken { quorum_id: 1, .. }), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_peer_times_out_with_its_name() {
+    let o = CommOptions { timeout: Duration::from_millis(400), ..opts(Transport::Tcp) };
+    let srv = servers(2, &o).await;
+    let peers = addrs(&srv);
+    let groups = ring(&srv, 1).await;
+    // Rank 1 is alive but never calls the collective.
+    let t = Instant::now();
+    let mut buf = input(0, 103);
+    let err = groups[0].all_reduce_sum(&mut buf).await.unwrap_err();
+    let dt = t.elapsed();
+    assert!(dt >= Duration::from_millis(400) && dt < Duration::from_millis(1500), "took {dt:?}");
+    assert!(matches!(err, CommError::Timeout { .. }), "{err}");
+    assert!(err.to_string().contains(&format!("rank 1 at {}", peers[1])), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_peer_fails_connect_within_the_timeout() {
+    let o = CommOptions { timeout: Duration::from_millis(500), ..opts(Transport::Tcp) };
+    let srv = servers(1, &o).await;
+    // A port that was free a moment ago: nothing listens there.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let peers = vec![srv[0].local_addr().to_string(), dead.clone()];
+    let t = Instant::now();
+    let err = Group::connect(&srv[0], GroupSpec { quorum_id: 1, rank: 0, peers }).await.err().unwrap();
+    assert!(t.elapsed() < Duration::from_millis(1500), "took {:?}", t.elapsed());
+    assert!(err.to_string().contains(&format!("rank 1 at {dead}")), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mismatched_collectives_are_a_protocol_error_not_a_hang() {
+    let o = opts(Transport::Tcp);
+    let srv = servers(2, &o).await;
+    let groups = ring(&srv, 1).await;
+    let (a, b) = tokio::join!(
+        async {
+            let mut v = vec![1u8; 100];
+            groups[0].broadcast(&mut v, 0).await
+        },
+        async {
+            let mut v = vec![1f32; 100];
+            groups[1].all_reduce_sum(&mut v).await
+        }
+    );
+    let err = b.unwrap_err();
+    assert!(matches!(err, CommError::Protocol { .. }), "{err}");
+    // Rank 0's broadcast may have been fully buffered before rank 1 gave up; if not, it fails too.
+    if let Err(e) = a {
+        assert!(e.to_string().contains("rank 1"), "{e}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_state_round_trip_and_refusals() {
+    let token = CommOptions { token: Some("s3cret".into()), chunk_bytes: 1 << 20, max_chunk_bytes: 4 << 20, ..opts(Transport::Tcp) };
+    let srv = PeerServer::bind("127.0.0.1:0".parse().unwrap(), token.clone()).await.unwrap();
+    let addr = srv.local_addr().to_string();
+    let err = fetch_state(&addr, &token).await.unwrap_err();
+    assert!(err.to_string().contains("no state provider"), "{err}");
+    // 3.5 MiB: several chunks and a partial one.
+    let state: Vec<u8> = (0..(7usize << 19)).map(|i| (i % 253) as u8).collect();
+    let served = Arc::new(state.clone());
+    srv.set_state_provider(Arc::new(move || Ok(served.as_ref().clone())));
+    assert_eq!(fetch_state(&addr, &token).await.unwrap(), state);
+    // Without the token, or with another one, the server refuses.
+    let err = fetch_state(&addr, &opts(Transport::Tcp)).await.unwrap_err();
+    assert!(matches!(err, CommError::Refused { .. }) && err.to_string().contains("token"), "{err}");
+    let wrong = CommOptions { token: Some("s3cres".into()), ..token.clone() };
+    assert!(fetch_state(&addr, &wrong).await.is_err());
+    // A provider's failure reaches the caller.
+    srv.set_state_provider(Arc::new(|| Err("optimizer state not ready".into())));
+    let err = fetch_state(&addr, &token).await.unwrap_err();
+    assert!(err.to_string().contains("optimizer state not ready"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_protects_data_channels() {
+    let short = CommOptions { timeout: Duration::from_millis(700), ..opts(Transport::Tcp) };
+    let with = CommOptions { token: Some("run-1".into()), ..short.clone() };
+    let a = PeerServer::bind("127.0.0.1:0".parse().unwrap(), with.clone()).await.unwrap();
+    let b = PeerServer::bind("127.0.0.1:0".parse().unwrap(), short).await.unwrap();
+    let peers = vec![a.local_addr().to_string(), b.local_addr().to_string()];
+    // b has no token, so its OpenChannel call to a is refused.
+    let (ra, rb) = tokio::join!(
+        Group::connect(&a, GroupSpec { quorum_id: 1, rank: 0, peers: peers.clone() }),
+        Group::connect(&b, GroupSpec { quorum_id: 1, rank: 1, peers: peers.clone() })
+    );
+    let err = rb.err().unwrap();
+    assert!(matches!(err, CommError::Refused { .. }) && err.to_string().contains("token"), "{err}");
+    // a never gets b's channel and times out, naming b.
+    let err = ra.err().unwrap();
+    assert!(err.to_string().contains(&format!("rank 1 at {}", peers[1])), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_oversized_frames_do_not_hurt_the_server() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let o = opts(Transport::Tcp);
+    let srv = servers(2, &o).await;
+    // A data-channel hello with a forged ticket is refused with an abort frame.
+    let mut s = tokio::net::TcpStream::connect(srv[0].local_addr()).await.unwrap();
+    let hello = crate::wire::Header {
+        kind: distclip_proto::v1::FrameKind::Hello,
+        dtype: distclip_proto::v1::DType::U8,
+        quorum_id: 1,
+        op_seq: 0,
+        step: 0,
+        piece: 0,
+        len: 0,
+        aux: 12345,
+    };
+    s.write_all(&hello.encode()).await.unwrap();
+    let mut ack = [0u8; crate::wire::HEADER_LEN];
+    s.read_exact(&mut ack).await.unwrap();
+    assert_eq!(crate::wire::Header::decode(&ack).unwrap().kind, distclip_proto::v1::FrameKind::Abort);
+    // Bytes that are neither gRPC nor a hello.
+    let mut s = tokio::net::TcpStream::connect(srv[0].local_addr()).await.unwrap();
+    s.write_all(b"DCF1 this is not a header at all, just noise..........").await.unwrap();
+    drop(s);
+    // An oversized frame on an established channel is a protocol error for the receiver.
+    let (mut w, r) = tcp_pair().await;
+    let big = crate::wire::Header { kind: distclip_proto::v1::FrameKind::Data, len: 1 << 40, ..hello };
+    w.write_all(&big.encode()).await.unwrap();
+    let mut rx = crate::wire::Rx::Tcp(r);
+    assert!(rx.header(1 << 16).await.unwrap_err().contains("exceeds the limit"));
+    // The servers still work.
+    let groups = ring(&srv, 2).await;
+    let out = join_all(groups.iter().map(|g| async move {
+        let mut b = vec![g.rank() as f32 + 1.0; 40];
+        g.all_reduce_sum(&mut b).await.map(|()| b)
+    }))
+    .await;
+    for o in out {
+        assert_eq!(o.unwrap(), vec![3.0; 40]);
+    }
+}
+
+async fn tcp_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (a, b) = tokio::join!(tokio::net::TcpStream::connect(l.local_addr().unwrap()), l.accept());
+    (a.unwrap(), b.unwrap().0)
+}
