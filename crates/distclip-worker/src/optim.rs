@@ -39,17 +39,13 @@ pub struct OptimConfig {
 impl OptimConfig {
     /// The `[train]` section of a run config, for a run of `total_steps` steps. Refuses what
     /// this step does not implement rather than training something else silently.
+    /// (`train.accum_freq` is the caller's: split the local batch into that many micro-batches
+    /// for [`crate::Trainer::forward_backward_accum`].)
     pub fn from_train(train: &TrainConfig, total_steps: u64) -> Result<Self, StepError> {
         if train.loss != Loss::Clip {
             return Err(StepError::Unsupported(format!(
                 "train.loss = {:?}: the distributed step implements ClipLoss only",
                 train.loss
-            )));
-        }
-        if train.accum_freq != 1 {
-            return Err(StepError::Unsupported(format!(
-                "train.accum_freq = {}: gradient accumulation is not implemented yet",
-                train.accum_freq
             )));
         }
         Ok(OptimConfig {

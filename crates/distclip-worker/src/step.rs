@@ -3,6 +3,7 @@
 use std::path::Path;
 use std::time::Instant;
 
+use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use distclip_model::checkpoint::{StateDict, save_safetensors, state_dict};
 use distclip_model::loss::clip_loss_local;
@@ -253,6 +254,15 @@ impl Trainer {
         Ok(())
     }
 
+    /// L2-normalised image and text features of `b` (validated) through `model` on `device`.
+    fn encode(&self, model: &Clip, b: &LocalBatch<'_>, device: &Device) -> (Tensor<2>, Tensor<2>) {
+        let s = self.model.image_size();
+        let ctx = self.model.context_length();
+        let images = Tensor::<4>::from_data(TensorData::new(b.images.to_vec(), [b.len, 3, s, s]), device);
+        let tokens = Tensor::<2, Int>::from_data(TensorData::new(b.tokens.to_vec(), [b.len, ctx]), device);
+        (l2_normalize(model.encode_image(images)), l2_normalize(model.encode_text(tokens)))
+    }
+
     fn check_batch(&self, b: &LocalBatch<'_>) -> Result<(), String> {
         let s = self.model.image_size();
         let ctx = self.model.context_length();
@@ -278,6 +288,17 @@ impl Trainer {
     /// `N` pairs of all ranks, OpenCLIP's `ClipLoss` of the concatenated batch; summed
     /// (not averaged) over ranks it is exact, so W ranks × b equals 1 rank × W·b.
     pub fn forward_backward(&mut self, batch: LocalBatch<'_>, comm: &mut dyn Collective) -> Result<PendingStep, StepError> {
+        self.forward_backward_accum(&[batch], comm)
+    }
+
+    /// [`Trainer::forward_backward`] with gradient accumulation: this rank's share of the step
+    /// is the concatenation of `micro` (in order), but only one micro-batch's activations are
+    /// alive at a time. The features of all micro-batches are computed first without a graph;
+    /// after the global loss, each micro-batch is run again with autodiff and back-propagated
+    /// with its rows of the feature gradient. The result equals one batch of all the rows
+    /// (k × b gives the update of 1 × k·b, DESIGN.md), unlike OpenCLIP's `accum_freq`, which
+    /// back-propagates the loss k times and so counts the `logit_scale` gradient k times.
+    pub fn forward_backward_accum(&mut self, micro: &[LocalBatch<'_>], comm: &mut dyn Collective) -> Result<PendingStep, StepError> {
         let (world, rank) = (comm.world_size(), comm.rank());
         let span = tracing::debug_span!("forward_backward", rank, world, step = self.optim.step);
         let _guard = span.enter();
@@ -287,11 +308,11 @@ impl Trainer {
         let started = Instant::now();
         let mut clock = Clock { comm: 0.0 };
         let d = self.embed_dim;
-        let n = batch.len;
+        let n: usize = micro.iter().map(|b| b.len).sum();
 
         // Counts first, with a validity flag, so a malformed batch on one rank fails the step on
         // every rank instead of leaving the others waiting in the next collective.
-        let valid = self.check_batch(&batch);
+        let valid = micro.iter().try_for_each(|b| self.check_batch(b));
         let counts = clock.time(|| comm.all_gather(&[n as f32, if valid.is_ok() { 1.0 } else { 0.0 }]))?;
         valid.map_err(StepError::Batch)?;
         if counts.len() != 2 * world {
@@ -316,27 +337,31 @@ impl Trainer {
         let offset: usize = sizes[..rank].iter().sum();
         let max_n = sizes.iter().copied().max().unwrap_or(0);
 
-        // 1. Forward both towers with autodiff.
+        // 1. Forward both towers: with autodiff when the rank's share is one batch (its graph is
+        //    kept for step 5), otherwise without a graph, one micro-batch at a time.
         let ad = self.device.clone();
-        let features = if n > 0 {
-            let s = self.model.image_size();
-            let ctx = self.model.context_length();
-            let images = Tensor::<4>::from_data(TensorData::new(batch.images.to_vec(), [n, 3, s, s]), &ad);
-            let tokens = Tensor::<2, Int>::from_data(TensorData::new(batch.tokens.to_vec(), [n, ctx]), &ad);
-            let f_img = l2_normalize(self.model.encode_image(images));
-            let f_txt = l2_normalize(self.model.encode_text(tokens));
-            Some((f_img, f_txt))
-        } else {
-            None
-        };
-
-        // 2. All-gather feature values (no graph), padded to the largest local batch.
+        let live = micro.len() == 1;
+        let no_grad = if live { None } else { Some(self.model.valid()) };
+        let mut features = None;
         let mut send = vec![0f32; 2 * max_n * d];
-        if let Some((f_img, f_txt)) = &features {
+        let mut row = 0;
+        for b in micro.iter().filter(|b| b.len > 0) {
+            let (f_img, f_txt) = match &no_grad {
+                Some(model) => self.encode(model, b, &ad.clone().inner()),
+                None => self.encode(&self.model, b, &ad),
+            };
             let img = f_img.clone().try_into_vec_as::<f32>().map_err(backend("image features"))?;
             let txt = f_txt.clone().try_into_vec_as::<f32>().map_err(backend("text features"))?;
-            send[..n * d].copy_from_slice(&img);
-            send[max_n * d..max_n * d + n * d].copy_from_slice(&txt);
+            if img.len() != b.len * d || txt.len() != b.len * d {
+                return Err(StepError::Backend("features of the wrong size".into()));
+            }
+            // 2. (below) gathers the values, padded to the largest share of any rank.
+            send[row * d..(row + b.len) * d].copy_from_slice(&img);
+            send[(max_n + row) * d..(max_n + row + b.len) * d].copy_from_slice(&txt);
+            row += b.len;
+            if live {
+                features = Some((f_img, f_txt));
+            }
         }
         let gathered = clock.time(|| comm.all_gather(&send))?;
         if gathered.len() != world * send.len() {
@@ -394,13 +419,27 @@ impl Trainer {
 
         // 5. Surrogate backward: sum(f·g) has exactly the upstream gradient g of the global loss.
         let mut flat = vec![0f32; self.layout.len()];
+        let surrogate = |f_img: Tensor<2>, f_txt: Tensor<2>, first: usize, len: usize| {
+            let rows = |start: usize| reduce[start + first * d..start + (first + len) * d].to_vec();
+            let g_img = Tensor::<2>::from_data(TensorData::new(rows(0), [len, d]), &ad);
+            let g_txt = Tensor::<2>::from_data(TensorData::new(rows(total * d), [len, d]), &ad);
+            ((f_img * g_img).sum() + (f_txt * g_txt).sum()).backward()
+        };
         if let Some((f_img, f_txt)) = features {
-            let rows = |start: usize| reduce[start + offset * d..start + (offset + n) * d].to_vec();
-            let g_img = Tensor::<2>::from_data(TensorData::new(rows(0), [n, d]), &ad);
-            let g_txt = Tensor::<2>::from_data(TensorData::new(rows(total * d), [n, d]), &ad);
-            let surrogate = (f_img * g_img).sum() + (f_txt * g_txt).sum();
-            let grads = surrogate.backward();
+            let grads = surrogate(f_img, f_txt, offset, n);
             read_grads(&self.model, &self.layout, &grads, &mut flat).map_err(StepError::Backend)?;
+        } else if !live {
+            let mut part = vec![0f32; self.layout.len()];
+            let mut first = offset;
+            for b in micro.iter().filter(|b| b.len > 0) {
+                let (f_img, f_txt) = self.encode(&self.model, b, &ad);
+                let grads = surrogate(f_img, f_txt, first, b.len);
+                read_grads(&self.model, &self.layout, &grads, &mut part).map_err(StepError::Backend)?;
+                for (f, p) in flat.iter_mut().zip(&part) {
+                    *f += p;
+                }
+                first += b.len;
+            }
         }
         // logit_scale is not in the towers' graph: its gradient is this rank's part of
         // d loss / d logit_scale, summed over ranks by the all-reduce below.

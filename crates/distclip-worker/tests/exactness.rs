@@ -17,27 +17,40 @@ use distclip_worker::{Collective, SingleProcess, StepError, ThreadGroup, Trainer
 
 const TOL: f64 = 1e-5;
 
-/// Final state dict and per-step checksums of each rank, after training on the fixture's 3
-/// batches split into consecutive row ranges of `sizes` (one per rank).
-fn train(sizes: &[usize]) -> Vec<(StateDict, Vec<u64>, Vec<f32>)> {
+/// Final state dict, per-step checksums and losses of each rank, after training on the
+/// fixture's 3 batches: rank r takes the next `splits[r].iter().sum()` rows of each batch, as
+/// micro-batches of `splits[r]` rows (one entry: no accumulation).
+fn train(splits: &[&[usize]]) -> Vec<(StateDict, Vec<u64>, Vec<f32>)> {
     let batches = Arc::new(batches());
-    let sizes = sizes.to_vec();
-    let handles: Vec<_> = ThreadGroup::new(sizes.len())
+    let splits: Vec<Vec<usize>> = splits.iter().map(|s| s.to_vec()).collect();
+    let handles: Vec<_> = ThreadGroup::new(splits.len())
         .into_iter()
         .map(|mut group| {
             let batches = batches.clone();
-            let sizes = sizes.clone();
+            let splits = splits.clone();
             std::thread::spawn(move || {
                 let device = Device::flex();
                 let mut trainer = Trainer::new(init_model(&device), optim_config(), &device).unwrap();
                 let r = group.rank();
-                let start: usize = sizes[..r].iter().sum();
+                let start: usize = splits[..r].iter().flatten().sum();
                 let mut sums = Vec::new();
                 let mut losses = Vec::new();
                 for b in batches.iter() {
-                    assert_eq!(sizes.iter().sum::<usize>(), b.len);
-                    let mine = b.rows(start, sizes[r]);
-                    let pending = trainer.forward_backward(mine.local(), &mut group).unwrap();
+                    assert_eq!(splits.iter().flatten().sum::<usize>(), b.len);
+                    let mut first = start;
+                    let micro: Vec<HostBatch> = splits[r]
+                        .iter()
+                        .map(|&len| {
+                            first += len;
+                            b.rows(first - len, len)
+                        })
+                        .collect();
+                    let locals: Vec<_> = micro.iter().map(|m| m.local()).collect();
+                    let pending = if locals.len() == 1 {
+                        trainer.forward_backward(locals[0], &mut group).unwrap()
+                    } else {
+                        trainer.forward_backward_accum(&locals, &mut group).unwrap()
+                    };
                     let stats = trainer.apply(pending).unwrap();
                     assert_eq!(stats.checksum, trainer.checksum());
                     sums.push(stats.checksum);
@@ -50,12 +63,12 @@ fn train(sizes: &[usize]) -> Vec<(StateDict, Vec<u64>, Vec<f32>)> {
     handles.into_iter().map(|h| h.join().unwrap()).collect()
 }
 
-fn assert_same_as_one_rank(sizes: &[usize]) {
-    let reference = train(&[6]).remove(0);
-    let ranks = train(sizes);
+fn assert_same_as_one_rank(splits: &[&[usize]]) {
+    let reference = train(&[&[6]]).remove(0);
+    let ranks = train(splits);
     for (r, (_, sums, losses)) in ranks.iter().enumerate() {
         // Identical parameters on every rank after every step.
-        assert_eq!(sums, &ranks[0].1, "rank {r} diverged from rank 0 ({sizes:?})");
+        assert_eq!(sums, &ranks[0].1, "rank {r} diverged from rank 0 ({splits:?})");
         // The reported loss is the global one, the same on every rank.
         assert_eq!(losses, &ranks[0].2, "rank {r} reports another loss");
     }
@@ -63,24 +76,34 @@ fn assert_same_as_one_rank(sizes: &[usize]) {
         assert!((a - b).abs() <= 1e-5 * b.abs(), "step {k}: loss {a} vs {b} on one rank");
     }
     let errs = compare(&ranks[0].0, &reference.0);
-    println!("{sizes:?} vs [6]: worst tensors {:?}; key-bias max abs {:?}", &errs.relative[..3], errs.key_bias[0]);
+    println!("{splits:?} vs [[6]]: worst tensors {:?}; key-bias max abs {:?}", &errs.relative[..3], errs.key_bias[0]);
     for (name, e) in &errs.relative {
-        assert!(*e <= TOL, "{sizes:?}: {name} differs from one rank by {e:e} of its scale");
+        assert!(*e <= TOL, "{splits:?}: {name} differs from one rank by {e:e} of its scale");
     }
     let lrs: Vec<f64> = (0..3).map(|k| optim_config().lr_at(k)).collect();
     for (name, e) in &errs.key_bias {
-        assert!(*e <= key_bias_bound(&lrs), "{sizes:?}: {name} key bias differs by {e:e}");
+        assert!(*e <= key_bias_bound(&lrs), "{splits:?}: {name} key bias differs by {e:e}");
     }
 }
 
 #[test]
 fn two_ranks_of_three_equal_one_rank_of_six() {
-    assert_same_as_one_rank(&[3, 3]);
+    assert_same_as_one_rank(&[&[3], &[3]]);
 }
 
 #[test]
 fn three_unequal_ranks_one_empty_equal_one_rank_of_six() {
-    assert_same_as_one_rank(&[4, 0, 2]);
+    assert_same_as_one_rank(&[&[4], &[0], &[2]]);
+}
+
+#[test]
+fn accumulating_three_micro_batches_equals_one_batch() {
+    assert_same_as_one_rank(&[&[2, 2, 2]]);
+}
+
+#[test]
+fn accumulation_across_ranks_with_an_empty_micro_batch_equals_one_batch() {
+    assert_same_as_one_rank(&[&[2, 1], &[0, 3]]);
 }
 
 /// Run one step on W threads with per-rank batches; return each rank's result.
@@ -192,4 +215,32 @@ fn the_model_is_saved_with_open_clip_names() {
     let back = distclip_model::checkpoint::read_state_dict(&path).unwrap();
     assert_eq!(back, init_state());
     std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn gradient_buckets_do_not_change_the_result() {
+    // Two ranks, once with the default 25 MB bucket (one bucket here) and once with buckets of
+    // 1000 values (62 buckets, the last one partial): bit-identical parameters.
+    let run = |bucket_bytes: usize| {
+        let b = Arc::new(batches().remove(0));
+        let handles: Vec<_> = ThreadGroup::new(2)
+            .into_iter()
+            .map(|mut group| {
+                let b = b.clone();
+                std::thread::spawn(move || {
+                    let device = Device::flex();
+                    let mut t = Trainer::new(init_model(&device), optim_config(), &device)
+                        .unwrap()
+                        .with_bucket_bytes(bucket_bytes);
+                    let mine = b.rows(3 * group.rank(), 3);
+                    let p = t.forward_backward(mine.local(), &mut group).unwrap();
+                    t.apply(p).unwrap().checksum
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>()
+    };
+    let whole = run(distclip_worker::DEFAULT_BUCKET_BYTES);
+    assert_eq!(whole[0], whole[1]);
+    assert_eq!(run(4000), whole);
 }

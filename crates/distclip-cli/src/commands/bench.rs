@@ -13,6 +13,8 @@ use distclip_model::{ClipConfig, l2_normalize, loss::clip_loss};
 pub enum BenchCommand {
     /// Time full training steps on random inputs.
     Train(TrainArgs),
+    /// Bandwidth of collectives between worker processes on loopback (nccl-tests figures).
+    Collective(super::bench_collective::Args),
 }
 
 /// Arguments of `distclip bench train`.
@@ -45,6 +47,7 @@ pub struct TrainArgs {
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Train(a) => train(a),
+        BenchCommand::Collective(a) => super::bench_collective::run(a),
     }
 }
 

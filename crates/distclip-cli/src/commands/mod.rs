@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod bench_collective;
 pub mod embed;
 pub mod init;
 pub mod models;
