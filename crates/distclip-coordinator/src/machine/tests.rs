@@ -1,0 +1,761 @@
+use super::*;
+use distclip_proto::v1::ShardIndices;
+
+fn cfg() -> MachineConfig {
+    MachineConfig {
+        min_workers: 2,
+        max_workers: 0,
+        join_timeout: Duration::from_secs(10),
+        heartbeat_interval: Duration::from_secs(1),
+        heartbeat_timeout: Duration::from_secs(5),
+        step_timeout: Duration::from_secs(30),
+        shards_per_worker: 2,
+        epochs: 1,
+        max_steps: None,
+        seed: 0,
+        shuffle: false,
+        resampled: false,
+        samples_per_epoch: None,
+        total_steps: 0,
+    }
+}
+
+fn shards(n: usize) -> Vec<ShardInfo> {
+    (0..n)
+        .map(|i| ShardInfo {
+            url: format!("/d/{i}.tar"),
+            weight: if i == 0 { 3.0 } else { 1.0 },
+        })
+        .collect()
+}
+
+fn ms(t: Instant, ms: u64) -> Instant {
+    t + Duration::from_millis(ms)
+}
+
+fn join(m: &mut Machine, id: &str, step: u64, now: Instant) {
+    let req = JoinRequest {
+        worker_id: id.into(),
+        peer_address: format!("{id}:1"),
+        device: "flex".into(),
+        threads: 1,
+        step,
+    };
+    m.join(&req, now).unwrap();
+}
+
+fn ask(m: &mut Machine, id: &str, step: u64, epoch: u64, has_data: bool, now: Instant) -> u64 {
+    m.request_quorum(
+        &QuorumRequest {
+            worker_id: id.into(),
+            step,
+            epoch,
+            has_data,
+        },
+        now,
+    )
+    .unwrap()
+}
+
+fn answer(m: &Machine, id: &str, ticket: u64) -> QuorumResponse {
+    m.poll_quorum(id, ticket)
+        .unwrap()
+        .unwrap_or_else(|| panic!("no quorum answer for {id} yet"))
+}
+
+/// Ask and take the answer at once (a quorum of one).
+fn ask_now(m: &mut Machine, id: &str, step: u64, now: Instant) -> QuorumResponse {
+    let ticket = ask(m, id, step, 0, true, now);
+    answer(m, id, ticket)
+}
+
+fn action(r: &QuorumResponse) -> StepAction {
+    StepAction::try_from(r.action).unwrap()
+}
+
+fn lease(m: &mut Machine, id: &str, want: u32, now: Instant) -> Vec<ShardLease> {
+    let epoch = m.epoch();
+    m.lease(
+        &LeaseRequest {
+            worker_id: id.into(),
+            epoch,
+            want,
+            shard_reports: vec![],
+        },
+        now,
+    )
+    .unwrap()
+    .leases
+}
+
+fn vote(
+    m: &mut Machine,
+    id: &str,
+    q: &QuorumResponse,
+    consumed: &[(u64, &[u64])],
+    reports: Vec<ShardReport>,
+    now: Instant,
+) -> Option<CommitResponse> {
+    let quorum_id = q.quorum.as_ref().unwrap().quorum_id;
+    m.vote(
+        CommitRequest {
+            worker_id: id.into(),
+            quorum_id,
+            step: q.step,
+            ok: true,
+            error: String::new(),
+            consumed: consumed
+                .iter()
+                .map(|(s, i)| ShardIndices {
+                    shard: *s,
+                    indices: i.to_vec(),
+                })
+                .collect(),
+            shard_reports: reports,
+            metrics: Some(distclip_proto::v1::StepMetrics {
+                loss: 2.5,
+                lr: 1e-3,
+                samples: consumed.iter().map(|(_, i)| i.len() as u32).sum(),
+                step_s: 0.5,
+                ..Default::default()
+            }),
+        },
+        now,
+    )
+}
+
+fn rep(shard: u64, epoch: u64, samples: u64) -> ShardReport {
+    ShardReport {
+        shard,
+        epoch,
+        samples,
+        ..Default::default()
+    }
+}
+
+fn kinds(m: &mut Machine) -> Vec<&'static str> {
+    m.take_outbox().events.iter().map(|e| e.kind).collect()
+}
+
+/// Two members at step 0, both with data: the first TRAIN quorum.
+fn two_training(n_shards: usize) -> (Machine, Instant, QuorumResponse) {
+    let t = Instant::now();
+    let mut m = Machine::new(cfg(), String::new(), "run-test".into(), shards(n_shards), t);
+    join(&mut m, "a", 0, t);
+    join(&mut m, "b", 0, t);
+    let ta = ask(&mut m, "a", 0, 0, true, t);
+    let tb = ask(&mut m, "b", 0, 0, true, t);
+    let qa = answer(&m, "a", ta);
+    assert_eq!(answer(&m, "b", tb).quorum, qa.quorum);
+    (m, t, qa)
+}
+
+#[test]
+fn quorum_forms_when_every_live_member_asked_and_min_workers_reached() {
+    let t = Instant::now();
+    let mut m = Machine::new(cfg(), String::new(), "r".into(), shards(2), t);
+    join(&mut m, "b", 0, t);
+    let tb = ask(&mut m, "b", 0, 0, true, t);
+    assert_eq!(
+        m.poll_quorum("b", tb),
+        Ok(None),
+        "one member, min_workers 2: wait"
+    );
+    join(&mut m, "a", 0, t);
+    assert_eq!(
+        m.poll_quorum("b", tb),
+        Ok(None),
+        "a is live but has not asked"
+    );
+    let ta = ask(&mut m, "a", 0, 0, false, t);
+    let (qa, qb) = (answer(&m, "a", ta), answer(&m, "b", tb));
+    assert_eq!(action(&qa), StepAction::Train, "b has data");
+    let q = qa.quorum.clone().unwrap();
+    assert_eq!(q.quorum_id, 1);
+    assert_eq!(q.step, 0);
+    // Ranks follow join order: b joined first.
+    assert_eq!(
+        q.members
+            .iter()
+            .map(|x| (x.worker_id.as_str(), x.rank))
+            .collect::<Vec<_>>(),
+        [("b", 0), ("a", 1)]
+    );
+    assert_eq!(q.members[1].peer_address, "a:1");
+    assert_eq!(qb.quorum, qa.quorum);
+    assert_eq!(qa.heal_from, "");
+    assert_eq!(m.phase(), &Phase::Training);
+    assert_eq!(
+        m.poll_quorum("zz", 1),
+        Err(MachineError::UnknownWorker("zz".into()))
+    );
+    assert!(matches!(
+        m.request_quorum(
+            &QuorumRequest {
+                worker_id: "zz".into(),
+                ..Default::default()
+            },
+            t
+        ),
+        Err(MachineError::UnknownWorker(_))
+    ));
+}
+
+#[test]
+fn a_joiner_bumps_the_quorum_id_and_heals_from_an_up_to_date_member() {
+    let (mut m, t, q) = two_training(4);
+    lease(&mut m, "a", 1, t);
+    lease(&mut m, "b", 1, t);
+    assert!(vote(&mut m, "a", &q, &[(0, &[0, 1])], vec![], t).is_none());
+    assert!(
+        vote(&mut m, "b", &q, &[(1, &[0])], vec![], t)
+            .unwrap()
+            .commit
+    );
+    assert_eq!(m.step(), 1);
+    join(&mut m, "c", 0, t);
+    let tc = ask(&mut m, "c", 0, 0, false, t);
+    let ta = ask(&mut m, "a", 1, 0, true, t);
+    assert_eq!(m.poll_quorum("a", ta), Ok(None));
+    let tb = ask(&mut m, "b", 1, 0, true, t);
+    let (qa, qc) = (answer(&m, "a", ta), answer(&m, "c", tc));
+    assert_eq!(action(&qc), StepAction::Train);
+    assert_eq!(qc.step, 1, "the quorum runs the coordinator's step");
+    assert_eq!(qc.heal_from, "a:1", "c is behind: heal from rank 0");
+    assert_eq!(qa.heal_from, "");
+    assert_eq!(qa.quorum.as_ref().unwrap().quorum_id, 2);
+    assert_eq!(qa.quorum.as_ref().unwrap().members.len(), 3);
+    assert_eq!(
+        answer(&m, "b", tb).quorum.unwrap().members[2].worker_id,
+        "c"
+    );
+    // The same membership next step keeps the id.
+    let q1 = qa.clone();
+    for id in ["a", "b", "c"] {
+        vote(&mut m, id, &q1, &[], vec![], t);
+    }
+    assert_eq!(m.step(), 2);
+    let tickets: Vec<u64> = ["a", "b", "c"]
+        .iter()
+        .map(|id| ask(&mut m, id, 2, 0, true, t))
+        .collect();
+    assert_eq!(answer(&m, "c", tickets[2]).quorum.unwrap().quorum_id, 2);
+    assert_eq!(answer(&m, "c", tickets[2]).heal_from, "");
+    let ev = kinds(&mut m);
+    assert_eq!(ev.iter().filter(|k| **k == "quorum").count(), 2, "{ev:?}");
+}
+
+#[test]
+fn a_silent_worker_expires_its_vote_fails_and_its_shards_return_with_skip() {
+    let (mut m, t, q) = two_training(3);
+    assert_eq!(lease(&mut m, "a", 1, t)[0].shard, 0);
+    assert_eq!(lease(&mut m, "b", 1, t)[0].shard, 1);
+    // Step 0 commits positions 0..3 of b's shard.
+    vote(&mut m, "a", &q, &[], vec![], t);
+    assert!(
+        vote(&mut m, "b", &q, &[(1, &[0, 1, 2])], vec![], t)
+            .unwrap()
+            .commit
+    );
+    let ta = ask(&mut m, "a", 1, 0, true, t);
+    let tb = ask(&mut m, "b", 1, 0, true, t);
+    let q1 = answer(&m, "a", ta);
+    answer(&m, "b", tb);
+    // a votes on step 1; b goes silent. a heartbeats; at 5.1 s b is dead.
+    assert!(vote(&mut m, "a", &q1, &[(0, &[0])], vec![], ms(t, 100)).is_none());
+    m.heartbeat(
+        &HeartbeatRequest {
+            worker_id: "a".into(),
+            step: 1,
+            state: "training".into(),
+        },
+        ms(t, 4000),
+    );
+    m.tick(ms(t, 4900));
+    assert!(
+        m.poll_commit(q1.quorum.as_ref().unwrap().quorum_id, 1)
+            .is_none(),
+        "b is not dead yet"
+    );
+    m.tick(ms(t, 5100));
+    let d = m
+        .poll_commit(q1.quorum.as_ref().unwrap().quorum_id, 1)
+        .unwrap();
+    assert!(!d.commit && d.reason.contains("worker b died"), "{d:?}");
+    assert_eq!(m.step(), 1, "nothing changed");
+    assert_eq!(m.ledger().unwrap().shard(0).unwrap().committed.len(), 0);
+    let ev = kinds(&mut m);
+    assert!(
+        ev.contains(&"death") && ev.contains(&"commit_failed"),
+        "{ev:?}"
+    );
+    // b's shard goes first, skipping what step 0 committed.
+    // a still reads shard 0, so with shards_per_worker 2 it gets one more.
+    let l = lease(&mut m, "a", 2, ms(t, 5200));
+    assert_eq!(l.iter().map(|x| x.shard).collect::<Vec<_>>(), [1]);
+    assert_eq!((l[0].skip[0].start, l[0].skip[0].end), (0, 3));
+    // Below min_workers now: a's quorum request waits, then the run fails at the join timeout.
+    let ta = ask(&mut m, "a", 1, 0, true, ms(t, 5200));
+    assert_eq!(m.poll_quorum("a", ta), Ok(None));
+    assert_eq!(m.status(ms(t, 5200)).state, "waiting");
+    let beat = |m: &mut Machine, at| {
+        m.heartbeat(
+            &HeartbeatRequest {
+                worker_id: "a".into(),
+                ..Default::default()
+            },
+            at,
+        )
+    };
+    beat(&mut m, ms(t, 9000));
+    beat(&mut m, ms(t, 14000));
+    m.tick(ms(t, 15000));
+    assert!(matches!(m.phase(), Phase::Waiting), "{:?}", m.phase());
+    beat(&mut m, ms(t, 15200));
+    m.tick(ms(t, 15300));
+    assert!(
+        matches!(m.phase(), Phase::Failed(e) if e.contains("only 1 of 2 workers")),
+        "{:?}",
+        m.phase()
+    );
+    assert!(matches!(
+        m.poll_quorum("a", ta),
+        Err(MachineError::RunFailed(_))
+    ));
+}
+
+#[test]
+fn exactly_once_accounting_refuses_a_double_commit() {
+    let (mut m, t, q) = two_training(2);
+    lease(&mut m, "a", 1, t);
+    lease(&mut m, "b", 1, t);
+    vote(&mut m, "a", &q, &[(0, &[0, 1])], vec![], t);
+    assert!(
+        vote(&mut m, "b", &q, &[(1, &[0, 1])], vec![], t)
+            .unwrap()
+            .commit
+    );
+    let out = m.take_outbox();
+    assert!(out.state_changed);
+    assert_eq!(out.metrics.len(), 1);
+    assert_eq!(out.metrics[0]["samples"], 4);
+    assert_eq!(out.metrics[0]["step"], 0);
+    assert_eq!(out.metrics[0]["loss"], 2.5);
+    assert_eq!(out.metrics[0]["samples_per_s"], 8.0);
+    assert_eq!(out.metrics[0]["workers"]["b"]["rank"], 1);
+    assert_eq!(m.samples_seen(), 4);
+    let (ta, tb) = (
+        ask(&mut m, "a", 1, 0, true, t),
+        ask(&mut m, "b", 1, 0, true, t),
+    );
+    let q1 = answer(&m, "a", ta);
+    answer(&m, "b", tb);
+    vote(&mut m, "a", &q1, &[(0, &[1, 2])], vec![], t);
+    let d = vote(&mut m, "b", &q1, &[(1, &[2])], vec![], t).unwrap();
+    assert!(
+        !d.commit && d.reason.contains("position 1 of shard 0 a second time"),
+        "{d:?}"
+    );
+    assert_eq!(m.step(), 1);
+    assert_eq!(m.samples_seen(), 4);
+    assert_eq!(
+        m.ledger().unwrap().shard(1).unwrap().committed.len(),
+        2,
+        "b's part of the refused step is not entered"
+    );
+    assert!(kinds(&mut m).contains(&"commit_refused"));
+    assert_eq!(m.ledger().unwrap().state().refused_commits, 1);
+    // A retried vote gets the decision made; a vote for a step never opened is refused.
+    assert!(vote(&mut m, "a", &q, &[], vec![], t).unwrap().commit);
+    let never = QuorumResponse {
+        step: 7,
+        ..q.clone()
+    };
+    let d = vote(&mut m, "a", &never, &[], vec![], t).unwrap();
+    assert!(
+        !d.commit && d.reason.contains("no open vote for step 7"),
+        "{d:?}"
+    );
+}
+
+#[test]
+fn a_failed_vote_changes_nothing() {
+    let (mut m, t, q) = two_training(2);
+    lease(&mut m, "a", 1, t);
+    vote(&mut m, "a", &q, &[(0, &[0])], vec![], t);
+    let mut bad = CommitRequest {
+        worker_id: "b".into(),
+        quorum_id: 1,
+        step: 0,
+        ok: false,
+        error: "all-gather timed out".into(),
+        ..Default::default()
+    };
+    bad.consumed.clear();
+    let d = m.vote(bad, t).unwrap();
+    assert!(
+        !d.commit && d.reason.contains("b: all-gather timed out"),
+        "{d:?}"
+    );
+    assert_eq!(m.step(), 0);
+    assert_eq!(m.ledger().unwrap().shard(0).unwrap().committed.len(), 0);
+    // The same decision for a retried vote.
+    assert_eq!(vote(&mut m, "a", &q, &[(0, &[0])], vec![], t).unwrap(), d);
+}
+
+#[test]
+fn wait_then_epoch_end_then_next_epoch_then_finish() {
+    let mut c = cfg();
+    c.epochs = 2;
+    let t = Instant::now();
+    let mut m = Machine::new(c, String::new(), "r".into(), shards(2), t);
+    join(&mut m, "a", 0, t);
+    join(&mut m, "b", 0, t);
+    // Nobody has data yet: WAIT.
+    let (ta, tb) = (
+        ask(&mut m, "a", 0, 0, false, t),
+        ask(&mut m, "b", 0, 0, false, t),
+    );
+    assert_eq!(action(&answer(&m, "a", ta)), StepAction::Wait);
+    assert_eq!(action(&answer(&m, "b", tb)), StepAction::Wait);
+    lease(&mut m, "a", 1, t);
+    lease(&mut m, "b", 1, t);
+    let (ta, tb) = (
+        ask(&mut m, "a", 0, 0, true, t),
+        ask(&mut m, "b", 0, 0, true, t),
+    );
+    let q = answer(&m, "a", ta);
+    answer(&m, "b", tb);
+    assert_eq!(action(&q), StepAction::Train);
+    // Shard 0 has 2 samples, shard 1 has 3 with one skipped as bad.
+    let mut r1 = rep(1, 0, 3);
+    r1.skipped = vec![2];
+    r1.skipped_by_reason.insert("decode".into(), 1);
+    vote(&mut m, "a", &q, &[(0, &[0, 1])], vec![rep(0, 0, 2)], t);
+    assert!(
+        vote(&mut m, "b", &q, &[(1, &[0, 1])], vec![r1], t)
+            .unwrap()
+            .commit
+    );
+    assert!(m.ledger().unwrap().is_complete());
+    let (ta, tb) = (
+        ask(&mut m, "a", 1, 0, false, t),
+        ask(&mut m, "b", 1, 0, false, t),
+    );
+    let n = answer(&m, "a", ta);
+    assert_eq!(action(&n), StepAction::NextEpoch);
+    assert_eq!(n.epoch, 1);
+    assert_eq!(answer(&m, "b", tb).epoch, 1);
+    let out = m.take_outbox();
+    let (epoch, audit) = &out.audits[0];
+    assert_eq!(*epoch, 0);
+    assert_eq!(audit["exactly_once"], true);
+    assert_eq!(audit["samples_committed"], 4);
+    assert_eq!(audit["samples_skipped"], 1);
+    assert!(
+        out.events
+            .iter()
+            .any(|e| e.kind == "epoch_end" && e.fields["exactly_once"] == true)
+    );
+    // A lease for the old epoch gets nothing; the new epoch starts over.
+    let old = m
+        .lease(
+            &LeaseRequest {
+                worker_id: "a".into(),
+                epoch: 0,
+                want: 1,
+                shard_reports: vec![],
+            },
+            t,
+        )
+        .unwrap();
+    assert!(old.leases.is_empty() && old.exhausted);
+    assert_eq!(lease(&mut m, "a", 2, t).len(), 2);
+    // A member still on the old epoch makes everyone switch first.
+    let (ta, tb) = (
+        ask(&mut m, "a", 1, 1, true, t),
+        ask(&mut m, "b", 1, 0, false, t),
+    );
+    assert_eq!(action(&answer(&m, "a", ta)), StepAction::NextEpoch);
+    answer(&m, "b", tb);
+    let (ta, tb) = (
+        ask(&mut m, "a", 1, 1, true, t),
+        ask(&mut m, "b", 1, 1, false, t),
+    );
+    let q = answer(&m, "a", ta);
+    answer(&m, "b", tb);
+    assert_eq!(action(&q), StepAction::Train);
+    vote(
+        &mut m,
+        "a",
+        &q,
+        &[(0, &[0, 1]), (1, &[0, 1])],
+        vec![
+            rep(0, 1, 2),
+            ShardReport {
+                skipped: vec![2],
+                ..rep(1, 1, 3)
+            },
+        ],
+        t,
+    );
+    assert!(vote(&mut m, "b", &q, &[], vec![], t).unwrap().commit);
+    let (ta, _) = (
+        ask(&mut m, "a", 2, 1, false, t),
+        ask(&mut m, "b", 2, 1, false, t),
+    );
+    assert_eq!(action(&answer(&m, "a", ta)), StepAction::Finish);
+    assert_eq!(m.phase(), &Phase::Finished);
+    assert_eq!(m.take_outbox().audits[0].0, 1);
+    // A late joiner is told to finish at once, and the run is done when everyone left.
+    join(&mut m, "c", 0, t);
+    let tc = ask(&mut m, "c", 0, 0, false, t);
+    assert_eq!(action(&answer(&m, "c", tc)), StepAction::Finish);
+    for id in ["a", "b"] {
+        m.leave(
+            &LeaveRequest {
+                worker_id: id.into(),
+                reason: "finished".into(),
+            },
+            t,
+        );
+    }
+    assert!(!m.is_done());
+    m.leave(
+        &LeaveRequest {
+            worker_id: "c".into(),
+            reason: "finished".into(),
+        },
+        t,
+    );
+    assert!(m.is_done());
+}
+
+#[test]
+fn finish_on_max_steps() {
+    let mut c = cfg();
+    c.max_steps = Some(1);
+    c.min_workers = 1;
+    let t = Instant::now();
+    let mut m = Machine::new(c, String::new(), "r".into(), shards(2), t);
+    join(&mut m, "a", 0, t);
+    let q = ask_now(&mut m, "a", 0, t);
+    lease(&mut m, "a", 1, t);
+    assert!(
+        vote(&mut m, "a", &q, &[(0, &[0])], vec![], t)
+            .unwrap()
+            .commit
+    );
+    let f = ask_now(&mut m, "a", 1, t);
+    assert_eq!(action(&f), StepAction::Finish);
+    assert!(kinds(&mut m).contains(&"finish"));
+}
+
+#[test]
+fn a_straggler_is_left_out_after_the_step_timeout() {
+    let (mut m, t, q) = two_training(2);
+    join(&mut m, "c", 0, t);
+    vote(&mut m, "a", &q, &[], vec![], t);
+    vote(&mut m, "b", &q, &[], vec![], t);
+    let ta = ask(&mut m, "a", 1, 0, true, t);
+    ask(&mut m, "b", 1, 0, true, t);
+    let beat = |m: &mut Machine, at| {
+        for id in ["a", "b", "c"] {
+            m.heartbeat(
+                &HeartbeatRequest {
+                    worker_id: id.into(),
+                    ..Default::default()
+                },
+                at,
+            );
+        }
+    };
+    for s in 1..=29 {
+        beat(&mut m, ms(t, s * 1000));
+    }
+    m.tick(ms(t, 29_000));
+    assert_eq!(m.poll_quorum("a", ta), Ok(None), "c is alive: wait for it");
+    beat(&mut m, ms(t, 30_000));
+    m.tick(ms(t, 30_500));
+    let qa = answer(&m, "a", ta);
+    assert_eq!(
+        qa.quorum.as_ref().unwrap().members.len(),
+        2,
+        "formed without the straggler"
+    );
+    assert_eq!(qa.step, 1);
+    let d = vote(&mut m, "c", &qa, &[], vec![], ms(t, 30_600)).unwrap();
+    assert!(!d.commit && d.reason.contains("not a member"), "{d:?}");
+    // The straggler asks later: it joins the next quorum, behind, and heals.
+    let tc = ask(&mut m, "c", 0, 0, false, ms(t, 30_700));
+    vote(&mut m, "a", &qa, &[], vec![], ms(t, 30_700));
+    vote(&mut m, "b", &qa, &[], vec![], ms(t, 30_700));
+    ask(&mut m, "a", 2, 0, true, ms(t, 30_800));
+    ask(&mut m, "b", 2, 0, true, ms(t, 30_800));
+    let qc = answer(&m, "c", tc);
+    assert_eq!((qc.step, qc.heal_from.as_str()), (2, "a:1"));
+    assert_eq!(qc.quorum.unwrap().members.len(), 3);
+    let _ = q;
+}
+
+#[test]
+fn joins_beyond_max_workers_are_refused_and_a_rejoin_releases_leases() {
+    let mut c = cfg();
+    c.max_workers = 2;
+    let t = Instant::now();
+    let mut m = Machine::new(c, String::new(), "r".into(), shards(3), t);
+    join(&mut m, "a", 0, t);
+    join(&mut m, "b", 0, t);
+    let e = m
+        .join(
+            &JoinRequest {
+                worker_id: "c".into(),
+                ..Default::default()
+            },
+            t,
+        )
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("2 workers (cluster.max_workers)"),
+        "{e}"
+    );
+    assert_eq!(lease(&mut m, "a", 2, t).len(), 2);
+    join(&mut m, "a", 0, t);
+    assert!(m.ledger().unwrap().held_by("a").is_empty());
+    assert_eq!(
+        lease(&mut m, "b", 2, t)
+            .iter()
+            .map(|l| l.shard)
+            .collect::<Vec<_>>(),
+        [0, 1]
+    );
+    assert!(kinds(&mut m).contains(&"rejoin"));
+}
+
+#[test]
+fn state_round_trips_and_a_resumed_run_loses_nothing() {
+    let (mut m, t, q) = two_training(3);
+    lease(&mut m, "a", 1, t);
+    lease(&mut m, "b", 1, t);
+    vote(&mut m, "a", &q, &[(0, &[0, 1])], vec![], t);
+    assert!(
+        vote(&mut m, "b", &q, &[(1, &[0])], vec![rep(1, 0, 1)], t)
+            .unwrap()
+            .commit
+    );
+    let saved = m.snapshot();
+    let text = serde_json::to_string(&saved).unwrap();
+    let back: SavedState = serde_json::from_str(&text).unwrap();
+    assert_eq!(back, saved);
+    assert_eq!(back.step, 1);
+    assert_eq!(back.quorum_id, 1);
+    assert_eq!(back.samples_seen, 3);
+    assert!(text.contains("\"committed\":[[0,2]]"), "{text}");
+
+    // A restarted coordinator: workers rejoin; shard 0 is re-leased skipping [0, 2).
+    let t2 = ms(t, 1000);
+    let mut r = Machine::resume(cfg(), String::new(), shards(3), back.clone(), t2).unwrap();
+    assert_eq!((r.step(), r.samples_seen(), r.run_id()), (1, 3, "run-test"));
+    assert!(r.ledger().unwrap().shard(1).unwrap().is_complete());
+    join(&mut r, "a", 1, t2);
+    join(&mut r, "b", 1, t2);
+    let l = lease(&mut r, "b", 2, t2);
+    assert_eq!(l.iter().map(|x| x.shard).collect::<Vec<_>>(), [0, 2]);
+    assert_eq!((l[0].skip[0].start, l[0].skip[0].end), (0, 2));
+    let (ta, tb) = (
+        ask(&mut r, "a", 1, 0, true, t2),
+        ask(&mut r, "b", 1, 0, true, t2),
+    );
+    let q = answer(&r, "a", ta);
+    answer(&r, "b", tb);
+    assert_eq!(
+        (q.step, q.quorum.as_ref().unwrap().quorum_id),
+        (1, 2),
+        "quorum ids keep growing across restarts"
+    );
+
+    // Another restart where no live worker applied the last persisted commit: it is undone.
+    let mut r = Machine::resume(cfg(), String::new(), shards(3), back.clone(), t2).unwrap();
+    join(&mut r, "a", 0, t2);
+    join(&mut r, "b", 0, t2);
+    let (ta, tb) = (
+        ask(&mut r, "a", 0, 0, true, t2),
+        ask(&mut r, "b", 0, 0, true, t2),
+    );
+    let q = answer(&r, "a", ta);
+    answer(&r, "b", tb);
+    assert_eq!(q.step, 0);
+    assert_eq!(r.samples_seen(), 0);
+    assert_eq!(r.ledger().unwrap().shard(0).unwrap().committed.len(), 0);
+    assert!(kinds(&mut r).contains(&"commit_undone"));
+    // The same positions may now commit again (the workers kept their batches).
+    lease(&mut r, "a", 2, t2);
+    lease(&mut r, "b", 2, t2);
+    let holder = |r: &Machine, s| r.ledger().unwrap().holder(s).unwrap().to_string();
+    let (h0, h1) = (holder(&r, 0), holder(&r, 1));
+    vote(&mut r, &h0, &q, &[(0, &[0, 1])], vec![], t2);
+    let other = if h0 == "a" { "b" } else { "a" };
+    let consumed: &[(u64, &[u64])] = if h1 == other { &[(1, &[0])] } else { &[] };
+    assert!(
+        vote(&mut r, other, &q, consumed, vec![], t2)
+            .unwrap()
+            .commit
+    );
+
+    // A different dataset is refused.
+    let e = Machine::resume(cfg(), String::new(), shards(4), back, t2)
+        .err()
+        .unwrap();
+    assert!(e.contains("3 shards") && e.contains("4"), "{e}");
+}
+
+#[test]
+fn resampled_draws_by_weight_and_ends_on_steps() {
+    let mut c = cfg();
+    c.resampled = true;
+    c.min_workers = 1;
+    c.max_steps = Some(2);
+    c.shards_per_worker = 64;
+    let t = Instant::now();
+    let mut m = Machine::new(c, String::new(), "r".into(), shards(4), t);
+    join(&mut m, "a", 0, t);
+    let l = lease(&mut m, "a", 64, t);
+    assert_eq!(l.len(), 64);
+    // Shard 0 weighs 3 of 6: about half the draws (a loose bound; the draw is seeded).
+    let zeros = l.iter().filter(|x| x.shard == 0).count();
+    assert!((20..=44).contains(&zeros), "{zeros}");
+    assert!(l.iter().all(|x| x.skip.is_empty()));
+    let q = ask_now(&mut m, "a", 0, t);
+    // Positions may repeat across steps in resampled mode.
+    assert!(
+        vote(&mut m, "a", &q, &[(0, &[0, 1])], vec![], t)
+            .unwrap()
+            .commit
+    );
+    let q = ask_now(&mut m, "a", 1, t);
+    assert!(
+        vote(&mut m, "a", &q, &[(0, &[0, 1])], vec![], t)
+            .unwrap()
+            .commit
+    );
+    assert_eq!(m.samples_seen(), 4);
+    assert!(m.ledger().is_none() && m.snapshot().ledger.is_none());
+    assert_eq!(action(&ask_now(&mut m, "a", 2, t)), StepAction::Finish);
+}
+
+#[test]
+fn status_reports_members_ranks_and_progress() {
+    let (mut m, t, q) = two_training(2);
+    lease(&mut m, "a", 1, t);
+    vote(&mut m, "a", &q, &[(0, &[0, 1, 2])], vec![rep(0, 0, 5)], t);
+    vote(&mut m, "b", &q, &[], vec![], t);
+    let s = m.status(ms(t, 250));
+    assert_eq!(s.run_id, "run-test");
+    assert_eq!(s.state, "training");
+    assert_eq!(s.step, 1);
+    assert_eq!((s.epoch_samples_done, s.epoch_samples_total), (3, 5));
+    assert_eq!(s.workers.len(), 2);
+    assert_eq!(s.workers[1].rank, 1);
+    assert_eq!(s.workers[0].last_heartbeat_ms_ago, 250);
+    assert_eq!(s.last_loss, 2.5);
+}

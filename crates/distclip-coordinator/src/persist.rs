@@ -1,0 +1,207 @@
+//! The run directory: `state.json` (atomic), `config.toml`, `events.jsonl`, `metrics.jsonl`,
+//! `ledger/epoch-N.json` and `coordinator.addr`.
+
+use crate::error::CoordinatorError;
+use crate::machine::{Event, SavedState};
+use serde_json::Value;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Seconds since the Unix epoch, the `time` field of every JSON line.
+pub fn unix_time() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Write `bytes` to `path` so that readers see the old file or the new one, never a mix, and a
+/// crash leaves one of them on disk: temp file in the same folder, fsync, rename, fsync folder.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    // The rename is durable only once the folder's entry is: fsync it (best effort where
+    // folders cannot be opened).
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// The run directory's files.
+#[derive(Debug, Clone)]
+pub struct RunDir {
+    root: PathBuf,
+}
+
+impl RunDir {
+    /// Use (and create) `root` and its `ledger/` folder.
+    pub fn create(root: &Path) -> Result<Self, CoordinatorError> {
+        let ledger = root.join("ledger");
+        std::fs::create_dir_all(&ledger).map_err(|source| CoordinatorError::Io {
+            action: "create",
+            path: ledger,
+            source,
+        })?;
+        Ok(Self {
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// The folder.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// `state.json`.
+    pub fn state_path(&self) -> PathBuf {
+        self.root.join("state.json")
+    }
+
+    /// `config.toml`.
+    pub fn config_path(&self) -> PathBuf {
+        self.root.join("config.toml")
+    }
+
+    /// `events.jsonl`.
+    pub fn events_path(&self) -> PathBuf {
+        self.root.join("events.jsonl")
+    }
+
+    /// `metrics.jsonl`.
+    pub fn metrics_path(&self) -> PathBuf {
+        self.root.join("metrics.jsonl")
+    }
+
+    /// `ledger/epoch-N.json`.
+    pub fn audit_path(&self, epoch: u64) -> PathBuf {
+        self.root.join("ledger").join(format!("epoch-{epoch}.json"))
+    }
+
+    /// `coordinator.addr`: the actual listen address, for launchers of a port-0 coordinator.
+    pub fn addr_path(&self) -> PathBuf {
+        self.root.join("coordinator.addr")
+    }
+
+    fn write(&self, path: PathBuf, bytes: &[u8]) -> Result<(), CoordinatorError> {
+        write_atomic(&path, bytes).map_err(|source| CoordinatorError::Io {
+            action: "write",
+            path,
+            source,
+        })
+    }
+
+    /// The saved state, if the run directory has one.
+    pub fn load_state(&self) -> Result<Option<SavedState>, CoordinatorError> {
+        let path = self.state_path();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(CoordinatorError::Io {
+                    action: "read",
+                    path,
+                    source,
+                });
+            }
+        };
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| CoordinatorError::State {
+                path,
+                message: e.to_string(),
+            })
+    }
+
+    /// Replace `state.json` atomically.
+    pub fn write_state(&self, state: &SavedState) -> Result<(), CoordinatorError> {
+        let mut text = serde_json::to_vec_pretty(state).unwrap_or_default();
+        text.push(b'\n');
+        self.write(self.state_path(), &text)
+    }
+
+    /// Replace `config.toml`.
+    pub fn write_config(&self, toml: &str) -> Result<(), CoordinatorError> {
+        self.write(self.config_path(), toml.as_bytes())
+    }
+
+    /// Write `ledger/epoch-N.json`.
+    pub fn write_audit(&self, epoch: u64, audit: &Value) -> Result<(), CoordinatorError> {
+        let mut text = serde_json::to_vec_pretty(audit).unwrap_or_default();
+        text.push(b'\n');
+        self.write(self.audit_path(epoch), &text)
+    }
+
+    /// Write `coordinator.addr` (one line, `host:port`).
+    pub fn write_addr(&self, addr: &str) -> Result<(), CoordinatorError> {
+        self.write(self.addr_path(), format!("{addr}\n").as_bytes())
+    }
+
+    fn append(&self, path: PathBuf, lines: &[Value]) -> Result<(), CoordinatorError> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let mut buf = Vec::new();
+        for l in lines {
+            buf.extend_from_slice(l.to_string().as_bytes());
+            buf.push(b'\n');
+        }
+        // One write per batch so concurrent readers never see half a line of ours.
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(&buf))
+            .map_err(|source| CoordinatorError::Io {
+                action: "append to",
+                path,
+                source,
+            })
+    }
+
+    /// Append events as `{"time", "kind", ...fields}` lines.
+    pub fn append_events(&self, events: &[Event]) -> Result<(), CoordinatorError> {
+        let time = unix_time();
+        let lines: Vec<Value> = events
+            .iter()
+            .map(|e| {
+                let mut m = serde_json::Map::new();
+                m.insert("time".into(), time.into());
+                m.insert("kind".into(), e.kind.into());
+                m.extend(e.fields.clone());
+                Value::Object(m)
+            })
+            .collect();
+        self.append(self.events_path(), &lines)
+    }
+
+    /// Append metrics lines, each with a `time`.
+    pub fn append_metrics(&self, metrics: &[Value]) -> Result<(), CoordinatorError> {
+        let time = unix_time();
+        let lines: Vec<Value> = metrics
+            .iter()
+            .map(|m| {
+                let mut m = m.clone();
+                if let Value::Object(o) = &mut m {
+                    o.insert("time".into(), time.into());
+                }
+                m
+            })
+            .collect();
+        self.append(self.metrics_path(), &lines)
+    }
+}

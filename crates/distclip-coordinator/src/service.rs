@@ -1,0 +1,529 @@
+//! The gRPC shell: a thin async layer around [`Machine`]. One mutex holds the machine; every
+//! call runs it synchronously, writes what the outbox asks for (state before any answer), and
+//! wakes blocked `Quorum`/`Commit` calls through a watch channel. A background task ticks the
+//! machine (expiry, timeouts) and ends the run when it is finished and every worker has left.
+
+use crate::dataset::samples_from_sizes;
+use crate::error::CoordinatorError;
+use crate::ledger::ShardInfo;
+use crate::machine::{Machine, MachineConfig, MachineError, Phase};
+use crate::persist::RunDir;
+use distclip_config::RunConfig;
+use distclip_proto::v1::coordinator_server::{Coordinator as CoordinatorRpc, CoordinatorServer};
+use distclip_proto::v1::{
+    CommitRequest, CommitResponse, HeartbeatRequest, HeartbeatResponse, JoinRequest, JoinResponse,
+    LeaseRequest, LeaseResponse, LeaveRequest, LeaveResponse, QuorumRequest, QuorumResponse,
+    RunStatus, StatusRequest,
+};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+use tonic_health::ServingStatus;
+
+/// Largest control-plane message accepted or sent. Commits carry every consumed position of a
+/// batch, and a shard report every skipped index: far above tonic's 4 MiB default.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// How the coordinator runs.
+#[derive(Debug, Clone)]
+pub struct CoordinatorOptions {
+    /// The resolved run configuration.
+    pub config: RunConfig,
+    /// The expanded dataset spec (`data.train`), in spec order: a shard's index here is its
+    /// identity in leases and sample positions. Expand it with `distclip_data::ShardList`.
+    pub shards: Vec<ShardInfo>,
+    /// The run directory (created if missing; resumed if it holds `state.json`).
+    pub run_dir: PathBuf,
+    /// Address to listen on, e.g. `0.0.0.0:7070`, or `127.0.0.1:0` for a free port.
+    pub listen: String,
+    /// Run token every RPC must carry as `authorization: Bearer <token>`; None: no check.
+    pub token: Option<String>,
+    /// After the run finished (or failed), how long to wait for workers to leave before
+    /// exiting anyway. None: twice the heartbeat timeout, at least 5 s.
+    pub exit_grace: Option<Duration>,
+    /// How often the background task expires members and checks timeouts.
+    pub tick: Duration,
+}
+
+impl CoordinatorOptions {
+    /// Options with defaults: listen on `127.0.0.1:0`, no token.
+    pub fn new(config: RunConfig, shards: Vec<ShardInfo>, run_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            config,
+            shards,
+            run_dir: run_dir.into(),
+            listen: "127.0.0.1:0".into(),
+            token: None,
+            exit_grace: None,
+            tick: Duration::from_millis(100),
+        }
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunOutcome {
+    /// The run's id.
+    pub run_id: String,
+    /// "finished", "failed", or "waiting"/"training" when stopped by the shutdown signal.
+    pub state: String,
+    /// Why it failed, if it did.
+    pub error: Option<String>,
+    /// Steps committed.
+    pub step: u64,
+    /// The epoch it ended in.
+    pub epoch: u64,
+    /// Samples committed over the run.
+    pub samples_seen: u64,
+}
+
+impl RunOutcome {
+    /// Whether the run completed.
+    pub fn finished(&self) -> bool {
+        self.state == "finished"
+    }
+}
+
+struct Shared {
+    machine: Mutex<Machine>,
+    changed: watch::Sender<u64>,
+    dir: RunDir,
+    token: Option<String>,
+    closing: AtomicBool,
+    wait_limit: Duration,
+}
+
+impl Shared {
+    /// Run `f` on the machine, then perform its side effects before anyone sees the result:
+    /// persist state, append events and metrics, write audits, wake waiters.
+    fn with<R>(&self, f: impl FnOnce(&mut Machine, Instant) -> R) -> R {
+        let mut m = self.machine.lock().unwrap_or_else(|e| e.into_inner());
+        let out = f(&mut m, Instant::now());
+        self.flush(&mut m);
+        out
+    }
+
+    fn flush(&self, m: &mut Machine) {
+        // Twice at most: a failed state write fails the run, which is itself an outbox entry.
+        for _ in 0..2 {
+            let out = m.take_outbox();
+            let touched = out.state_changed || !out.events.is_empty() || !out.metrics.is_empty();
+            for (epoch, audit) in &out.audits {
+                if let Err(e) = self.dir.write_audit(*epoch, audit) {
+                    tracing::error!("{e}");
+                }
+            }
+            if let Err(e) = self.dir.append_metrics(&out.metrics) {
+                tracing::error!("{e}");
+            }
+            for ev in &out.events {
+                log_event(ev);
+            }
+            if let Err(e) = self.dir.append_events(&out.events) {
+                tracing::error!("{e}");
+            }
+            let mut failed = false;
+            if out.state_changed
+                && let Err(e) = self.dir.write_state(&m.snapshot())
+            {
+                tracing::error!("{e}");
+                // A commit that is not on disk must not be acknowledged as durable.
+                m.fail_external(format!("{e}"));
+                failed = true;
+            }
+            if touched || m.generation() != *self.changed.borrow() {
+                self.changed.send_replace(m.generation());
+            }
+            if !failed {
+                break;
+            }
+        }
+    }
+
+    fn read<R>(&self, f: impl FnOnce(&Machine) -> R) -> R {
+        let m = self.machine.lock().unwrap_or_else(|e| e.into_inner());
+        f(&m)
+    }
+
+    fn authorize<T>(&self, req: &Request<T>, rpc: &'static str) -> Result<(), Status> {
+        let Some(token) = &self.token else {
+            return Ok(());
+        };
+        let got = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        let ok = got
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|t| constant_time_eq(t.as_bytes(), token.as_bytes()));
+        if ok {
+            return Ok(());
+        }
+        let peer = req
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let reason = if got.is_none() {
+            "missing token"
+        } else {
+            "wrong token"
+        };
+        // Never log the presented token: it may be a near-miss of the real one.
+        tracing::warn!(rpc, peer, reason, "refused a call without the run token");
+        let ev = crate::machine::Event {
+            kind: "auth_refused",
+            fields: serde_json::json!({"rpc": rpc, "peer": peer, "reason": reason})
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+        };
+        let _ = self.dir.append_events(&[ev]);
+        Err(Status::unauthenticated(
+            "missing or wrong run token: send the run's token as `authorization: Bearer <token>`",
+        ))
+    }
+
+    /// Wait until `poll` answers, the run closes, or the wait limit passes.
+    async fn wait_for<R>(
+        &self,
+        mut poll: impl FnMut(&Machine) -> Result<Option<R>, MachineError>,
+    ) -> Result<R, Status> {
+        let mut rx = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + self.wait_limit;
+        loop {
+            if let Some(r) = self.read(&mut poll).map_err(to_status)? {
+                return Ok(r);
+            }
+            if self.closing.load(Ordering::SeqCst) {
+                return Err(Status::unavailable(
+                    "the coordinator is shutting down: reconnect and join again",
+                ));
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(Status::unavailable("the coordinator is shutting down")),
+                Err(_) => {
+                    return Err(Status::deadline_exceeded(format!(
+                        "no answer within {} s: ask again",
+                        self.wait_limit.as_secs()
+                    )));
+                }
+            }
+        }
+    }
+}
+
+fn log_event(ev: &crate::machine::Event) {
+    let fields = serde_json::Value::Object(ev.fields.clone());
+    match ev.kind {
+        "failed" | "commit_refused" | "failed_shard" | "checksum_mismatch" | "ledger_conflict" => {
+            tracing::warn!(kind = ev.kind, %fields, "event")
+        }
+        _ => tracing::info!(kind = ev.kind, %fields, "event"),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn to_status(e: MachineError) -> Status {
+    use crate::membership::JoinError;
+    match e {
+        MachineError::UnknownWorker(_) => Status::not_found(e.to_string()),
+        MachineError::Join(JoinError::Full { .. }) => Status::resource_exhausted(e.to_string()),
+        MachineError::Join(JoinError::EmptyId) => Status::invalid_argument(e.to_string()),
+        MachineError::RunFailed(_) => Status::failed_precondition(e.to_string()),
+        MachineError::Superseded(_) => Status::cancelled(e.to_string()),
+    }
+}
+
+/// The tonic service.
+#[derive(Clone)]
+struct Service(Arc<Shared>);
+
+#[tonic::async_trait]
+impl CoordinatorRpc for Service {
+    async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        self.0.authorize(&request, "Join")?;
+        let req = request.into_inner();
+        self.0
+            .with(|m, now| m.join(&req, now))
+            .map(Response::new)
+            .map_err(to_status)
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        self.0.authorize(&request, "Heartbeat")?;
+        let req = request.into_inner();
+        // Heartbeats change nothing another call waits for: no flush needed.
+        let mut m = self.0.machine.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(Response::new(m.heartbeat(&req, Instant::now())))
+    }
+
+    async fn quorum(
+        &self,
+        request: Request<QuorumRequest>,
+    ) -> Result<Response<QuorumResponse>, Status> {
+        self.0.authorize(&request, "Quorum")?;
+        let req = request.into_inner();
+        let ticket = self
+            .0
+            .with(|m, now| m.request_quorum(&req, now))
+            .map_err(to_status)?;
+        let id = req.worker_id;
+        self.0
+            .wait_for(|m| m.poll_quorum(&id, ticket))
+            .await
+            .map(Response::new)
+    }
+
+    async fn lease(
+        &self,
+        request: Request<LeaseRequest>,
+    ) -> Result<Response<LeaseResponse>, Status> {
+        self.0.authorize(&request, "Lease")?;
+        let req = request.into_inner();
+        self.0
+            .with(|m, now| m.lease(&req, now))
+            .map(Response::new)
+            .map_err(to_status)
+    }
+
+    async fn commit(
+        &self,
+        request: Request<CommitRequest>,
+    ) -> Result<Response<CommitResponse>, Status> {
+        self.0.authorize(&request, "Commit")?;
+        let req = request.into_inner();
+        let key = (req.quorum_id, req.step);
+        if let Some(d) = self.0.with(|m, now| m.vote(req, now)) {
+            return Ok(Response::new(d));
+        }
+        self.0
+            .wait_for(|m| Ok(m.poll_commit(key.0, key.1)))
+            .await
+            .map(Response::new)
+    }
+
+    async fn leave(
+        &self,
+        request: Request<LeaveRequest>,
+    ) -> Result<Response<LeaveResponse>, Status> {
+        self.0.authorize(&request, "Leave")?;
+        let req = request.into_inner();
+        self.0.with(|m, now| m.leave(&req, now));
+        Ok(Response::new(LeaveResponse {}))
+    }
+
+    async fn status(&self, request: Request<StatusRequest>) -> Result<Response<RunStatus>, Status> {
+        self.0.authorize(&request, "Status")?;
+        Ok(Response::new(self.0.read(|m| m.status(Instant::now()))))
+    }
+}
+
+/// A coordinator bound to its address, ready to [`Coordinator::run`].
+pub struct Coordinator {
+    listener: tokio::net::TcpListener,
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    tick: Duration,
+    exit_grace: Duration,
+}
+
+fn new_run_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "run-{:012x}",
+        (nanos as u64) ^ ((std::process::id() as u64) << 40)
+    )
+}
+
+impl Coordinator {
+    /// Expand the dataset, open (or resume) the run directory, write `config.toml`, and bind
+    /// the listen address. Writes `coordinator.addr` with the actual address.
+    pub async fn bind(opts: CoordinatorOptions) -> Result<Self, CoordinatorError> {
+        let config = opts.config;
+        let shards = opts.shards;
+        if shards.is_empty() {
+            return Err(CoordinatorError::NoData);
+        }
+        let sizes = if config.data.samples_per_epoch.is_none() {
+            samples_from_sizes(&shards)
+        } else {
+            None
+        };
+        let cfg = MachineConfig::from_run(&config, sizes);
+        if cfg.resampled && cfg.max_steps.is_none() && cfg.samples_per_epoch.is_none() {
+            return Err(CoordinatorError::ResampledWithoutEnd);
+        }
+        let dir = RunDir::create(&opts.run_dir)?;
+        let toml = config.to_toml();
+        let now = Instant::now();
+        let machine = match dir.load_state()? {
+            Some(saved) => Machine::resume(cfg.clone(), toml.clone(), shards, saved, now).map_err(
+                |message| CoordinatorError::State {
+                    path: dir.state_path(),
+                    message,
+                },
+            )?,
+            None => Machine::new(cfg.clone(), toml.clone(), new_run_id(), shards, now),
+        };
+        dir.write_config(&toml)?;
+        let listener = tokio::net::TcpListener::bind(&opts.listen)
+            .await
+            .map_err(|e| CoordinatorError::Bind {
+                addr: opts.listen.clone(),
+                message: e.to_string(),
+            })?;
+        let addr = listener.local_addr().map_err(|e| CoordinatorError::Bind {
+            addr: opts.listen.clone(),
+            message: e.to_string(),
+        })?;
+        dir.write_addr(&addr.to_string())?;
+        let wait_limit = cfg.join_timeout + cfg.step_timeout + cfg.heartbeat_timeout;
+        let (changed, _) = watch::channel(0);
+        let shared = Arc::new(Shared {
+            machine: Mutex::new(machine),
+            changed,
+            dir,
+            token: opts.token.filter(|t| !t.is_empty()),
+            closing: AtomicBool::new(false),
+            wait_limit,
+        });
+        // The state file exists from the start, so a restart right away resumes this run id.
+        shared.with(|m, _| m.mark_state_changed());
+        let exit_grace = opts
+            .exit_grace
+            .unwrap_or((cfg.heartbeat_timeout * 2).max(Duration::from_secs(5)));
+        Ok(Self {
+            listener,
+            addr,
+            shared,
+            tick: opts.tick.max(Duration::from_millis(1)),
+            exit_grace,
+        })
+    }
+
+    /// The address actually listened on (the port, when 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The run's id.
+    pub fn run_id(&self) -> String {
+        self.shared.read(|m| m.run_id().to_string())
+    }
+
+    /// Serve until the run is finished (or failed) and every worker has left (or the exit
+    /// grace passed), or until `shutdown` resolves.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<RunOutcome, CoordinatorError> {
+        let shared = self.shared.clone();
+        let (reporter, health) = tonic_health::server::health_reporter();
+        reporter.set_serving::<CoordinatorServer<Service>>().await;
+        let svc = CoordinatorServer::new(Service(shared.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let incoming = tonic::transport::server::TcpIncoming::from(self.listener);
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(health)
+                .add_service(svc)
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stop_rx.await;
+                }),
+        );
+
+        let ticker = {
+            let shared = shared.clone();
+            let reporter = reporter.clone();
+            let (tick, grace) = (self.tick, self.exit_grace);
+            async move {
+                let mut interval = tokio::time::interval(tick);
+                interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut ended_at: Option<Instant> = None;
+                let mut reported_failure = false;
+                loop {
+                    interval.tick().await;
+                    let (done, ended, failed) = shared.with(|m, now| {
+                        m.tick(now);
+                        let ended = matches!(m.phase(), Phase::Finished | Phase::Failed(_));
+                        (m.is_done(), ended, matches!(m.phase(), Phase::Failed(_)))
+                    });
+                    if failed && !reported_failure {
+                        reported_failure = true;
+                        reporter
+                            .set_not_serving::<CoordinatorServer<Service>>()
+                            .await;
+                        reporter
+                            .set_service_status("", ServingStatus::NotServing)
+                            .await;
+                    }
+                    if ended {
+                        let at = *ended_at.get_or_insert_with(Instant::now);
+                        if done || at.elapsed() > grace {
+                            return;
+                        }
+                    }
+                }
+            }
+        };
+
+        let mut server = server;
+        let server_error = tokio::select! {
+            _ = ticker => None,
+            _ = shutdown => None,
+            r = &mut server => Some(r),
+        };
+        shared.closing.store(true, Ordering::SeqCst);
+        shared.changed.send_modify(|g| *g = g.wrapping_add(1));
+        let _ = stop_tx.send(());
+        match server_error {
+            Some(Ok(Ok(()))) | None => {}
+            Some(Ok(Err(e))) => return Err(CoordinatorError::Transport(e)),
+            Some(Err(join)) => {
+                return Err(CoordinatorError::Bind {
+                    addr: self.addr.to_string(),
+                    message: format!("server task ended: {join}"),
+                });
+            }
+        }
+        // Blocked calls were woken above; do not wait long for stragglers' connections.
+        let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+        Ok(shared.read(|m| RunOutcome {
+            run_id: m.run_id().to_string(),
+            state: m.phase().name().to_string(),
+            error: match m.phase() {
+                Phase::Failed(e) => Some(e.clone()),
+                _ => None,
+            },
+            step: m.step(),
+            epoch: m.epoch(),
+            samples_seen: m.samples_seen(),
+        }))
+    }
+}
+
+/// Bind and run: the whole coordinator in one call. The actual address is written to
+/// `RUN_DIR/coordinator.addr`.
+pub async fn serve(
+    opts: CoordinatorOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<RunOutcome, CoordinatorError> {
+    Coordinator::bind(opts).await?.run(shutdown).await
+}
