@@ -11,7 +11,6 @@
 //! - The consumer takes one example from each live worker in turn (0, 1, ..., N-1, 0, ...),
 //!   skipping workers that have finished. Every worker's sequence is a function of the seed, and
 //!   so is the interleave, so batches do not depend on thread timing.
-//!
 //! - [`Order::Feed`] gives up determinism for the coordinator's dynamic leases: whichever worker
 //!   needs a shard next takes the next task from the channel.
 //!
@@ -53,9 +52,11 @@ pub enum Order {
     /// Exactly these shards, from these start indices, in this order (the coordinator's leases).
     Explicit(Vec<ShardTask>),
     /// Tasks taken from a channel as the workers need them (the coordinator's leases, handed out
-    /// while the epoch runs). A worker takes one task only when it has no open shard and needs
-    /// another sample (to decode, or to fill its shuffle buffer), so at most `threads` tasks are
-    /// held at a time and the rest stay in the channel for other consumers. The loader ends when
+    /// while the epoch runs). Each worker reads one task at a time and takes the next only when it
+    /// has read the current one to its end and needs another sample (to decode, or to fill its
+    /// shuffle buffer), so at most `threads` tasks are being read at once and the rest stay in
+    /// the channel for other consumers. (Samples of finished reads may still wait in a shuffle
+    /// buffer; their task's summary comes when they are through.) The loader ends when
     /// the channel is closed (every sender dropped) and drained. Which worker gets which task
     /// depends on timing, so batch order is not reproducible in this mode. A task whose shard is
     /// outside the list is reported as a failed shard, not an error.
@@ -472,7 +473,8 @@ impl Iterator for Loader {
         }
         batch.finished = std::mem::take(&mut self.finished);
         let full = batch.len() == self.batch_size;
-        if !full && !(self.keep_partial && !batch.is_empty()) {
+        let keep = full || (self.keep_partial && !batch.is_empty());
+        if !keep {
             if batch.finished.is_empty() {
                 return None;
             }

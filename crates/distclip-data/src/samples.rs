@@ -263,7 +263,7 @@ impl ShardReader {
             }),
             bytes,
             shard,
-            skip: normalize_ranges(skip.iter().cloned().chain([0..start])),
+            skip: normalize_ranges(skip.iter().cloned().chain(std::iter::once(0..start))),
             next_index: 0,
             entries_read: 0,
             current: None,
