@@ -30,6 +30,8 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
+    /// Run the coordinator of a training run (membership, quorums, shard ledger, run state).
+    Coordinator(commands::coordinator::Args),
 }
 
 fn init_logging(format: &str) {
@@ -54,6 +56,7 @@ fn main() -> std::process::ExitCode {
         Command::Embed(a) => commands::embed::run(a),
         Command::Models(a) => commands::models::run(a),
         Command::Bench(c) => commands::bench::run(c),
+        Command::Coordinator(a) => commands::coordinator::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

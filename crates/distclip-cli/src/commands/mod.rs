@@ -2,9 +2,11 @@
 
 pub mod bench;
 pub mod bench_collective;
+pub mod coordinator;
 pub mod embed;
 pub mod init;
 pub mod models;
+pub mod run_args;
 pub mod tokenize;
 
 use anyhow::Context;

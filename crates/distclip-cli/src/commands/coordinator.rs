@@ -1,0 +1,113 @@
+//! `distclip coordinator`: run the control plane of a training run. It prints
+//! `coordinator listening on HOST:PORT` on stderr (and writes HOST:PORT to
+//! `RUN_DIR/coordinator.addr`) once it accepts connections, and the run's outcome as one JSON
+//! line on stdout when it ends. The exit status is non-zero if the run failed.
+
+use super::run_args::RunArgs;
+use anyhow::Context;
+use std::path::PathBuf;
+
+/// Arguments of `distclip coordinator`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Dataset spec, e.g. `/data/{00000..00099}.tar` or `s3://bucket/{000..999}.tar::/more/{0..9}.tar@2`
+    /// (data.train).
+    #[arg(long, value_name = "SPEC")]
+    pub data: String,
+    /// Run directory: config.toml, state.json, events.jsonl, metrics.jsonl, ledger/. A directory
+    /// with a state.json resumes that run.
+    #[arg(long, value_name = "DIR")]
+    pub run_dir: PathBuf,
+    /// Address to listen on; port 0 picks a free one (printed, and written to RUN_DIR/coordinator.addr).
+    #[arg(long, default_value = "0.0.0.0:7070", value_name = "ADDR")]
+    pub listen: String,
+    /// Workers needed before training starts (cluster.min_workers).
+    #[arg(long)]
+    pub min_workers: Option<usize>,
+    /// Refuse workers beyond this many (cluster.max_workers; 0: no limit).
+    #[arg(long)]
+    pub max_workers: Option<usize>,
+    /// Read the run token from this file (first line) instead of --token / DISTCLIP_TOKEN.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Run options.
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+fn token(args: &Args) -> anyhow::Result<Option<String>> {
+    if let Some(p) = &args.token_file {
+        anyhow::ensure!(
+            args.run.token.is_none(),
+            "give the run token with --token or --token-file, not both"
+        );
+        let text = std::fs::read_to_string(p)
+            .with_context(|| format!("reading the token file {}", p.display()))?;
+        let t = text.lines().next().unwrap_or("").trim().to_string();
+        anyhow::ensure!(!t.is_empty(), "the token file {} is empty", p.display());
+        return Ok(Some(t));
+    }
+    Ok(args.run.token())
+}
+
+/// Run the coordinator until the run ends or Ctrl-C.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    // The spec as a TOML string, so it is never read as a number or a table.
+    let mut extra = vec![format!(
+        "data.train={}",
+        super::run_args::quoted(&args.data)
+    )];
+    if let Some(n) = args.min_workers {
+        extra.push(format!("cluster.min_workers={n}"));
+    }
+    if let Some(n) = args.max_workers {
+        extra.push(format!("cluster.max_workers={n}"));
+    }
+    let config = args.run.load(&extra)?;
+    let list = distclip_data::ShardList::parse(&config.data.train)
+        .with_context(|| format!("expanding the dataset spec {:?}", config.data.train))?;
+    let shards = list
+        .shards
+        .into_iter()
+        .map(|s| distclip_coordinator::ShardInfo {
+            url: s.url,
+            weight: s.weight,
+        })
+        .collect();
+    let mut opts = distclip_coordinator::CoordinatorOptions::new(config, shards, &args.run_dir);
+    opts.listen = args.listen.clone();
+    opts.token = token(&args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let outcome = runtime.block_on(async move {
+        let coordinator = distclip_coordinator::Coordinator::bind(opts).await?;
+        // Machine-parsable: launchers wait for this line (or RUN_DIR/coordinator.addr).
+        eprintln!("coordinator listening on {}", coordinator.local_addr());
+        tracing::info!(run_id = %coordinator.run_id(), "coordinator started");
+        let ctrl_c = async {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::warn!(
+                "Ctrl-C: stopping the coordinator (the run can be resumed from its run directory)"
+            );
+        };
+        anyhow::Ok(coordinator.run(ctrl_c).await?)
+    })?;
+    super::print_json(&serde_json::json!({
+        "run_id": outcome.run_id,
+        "state": outcome.state,
+        "error": outcome.error,
+        "step": outcome.step,
+        "epoch": outcome.epoch,
+        "samples_seen": outcome.samples_seen,
+        "run_dir": args.run_dir.display().to_string(),
+    }))?;
+    match outcome.state.as_str() {
+        "finished" => Ok(()),
+        "failed" => anyhow::bail!("the run failed: {}", outcome.error.unwrap_or_default()),
+        other => anyhow::bail!(
+            "the coordinator stopped before the run finished (state: {other}); restart it on the same --run-dir to resume"
+        ),
+    }
+}
