@@ -25,7 +25,7 @@
 //! 4. `Commit(quorum_id, step, ok, consumed, reports, metrics)` blocks until every member voted,
 //!    one died, or voting timed out. `commit = true`: apply the update; the step is `step + 1`.
 //!    `commit = false`: drop the update but keep the batch, and ask for a quorum again for the
-//!    same step. If `Commit` itself fails (the coordinator restarted), ask `Quorum` again: the
+//!    same step (the retry gets a new quorum id, even with the same members). If `Commit` itself fails (the coordinator restarted), ask `Quorum` again: the
 //!    answer's step is authoritative, and a worker behind it is told to heal.
 
 use crate::ledger::{EpochLedger, LedgerNote, LedgerState, ShardInfo, shard_order, splitmix64};
@@ -1151,6 +1151,11 @@ impl Machine {
                 Err(reason) => refuse(reason),
             },
         };
+        if !response.commit {
+            // The retry of this step gets a new quorum id even with the same members, so its
+            // vote (and any data-plane message) is never confused with the failed attempt's.
+            self.prev_members = None;
+        }
         self.decisions.push_back((key, response));
         self.generation += 1;
         while self.decisions.len() > 64 {

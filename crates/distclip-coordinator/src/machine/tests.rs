@@ -401,6 +401,20 @@ fn a_failed_vote_changes_nothing() {
     assert_eq!(m.ledger().unwrap().shard(0).unwrap().committed.len(), 0);
     // The same decision for a retried vote.
     assert_eq!(vote(&mut m, "a", &q, &[(0, &[0])], vec![], t).unwrap(), d);
+    // The retry of step 0 runs under a new quorum id, and can commit.
+    let (ta, tb) = (
+        ask(&mut m, "a", 0, 0, true, t),
+        ask(&mut m, "b", 0, 0, false, t),
+    );
+    let retry = answer(&m, "a", ta);
+    answer(&m, "b", tb);
+    assert_eq!(
+        (retry.step, retry.quorum.as_ref().unwrap().quorum_id),
+        (0, 2)
+    );
+    vote(&mut m, "a", &retry, &[(0, &[0])], vec![], t);
+    assert!(vote(&mut m, "b", &retry, &[], vec![], t).unwrap().commit);
+    assert_eq!(m.step(), 1);
 }
 
 #[test]
