@@ -80,7 +80,7 @@ fn parent(args: Args) -> anyhow::Result<()> {
         children.push(child);
     }
     // If anything below fails, the children must not outlive us.
-    let result = drive(&args, &mut children);
+    let result = drive(&mut children);
     for c in &mut children {
         if result.is_err() {
             let _ = c.kill();
@@ -93,7 +93,7 @@ fn parent(args: Args) -> anyhow::Result<()> {
 }
 
 /// Exchange addresses and collect rank 0's result line.
-fn drive(args: &Args, children: &mut [std::process::Child]) -> anyhow::Result<String> {
+fn drive(children: &mut [std::process::Child]) -> anyhow::Result<String> {
     let mut readers = Vec::new();
     let mut addrs = Vec::new();
     for (rank, c) in children.iter_mut().enumerate() {
@@ -154,7 +154,7 @@ async fn worker_async(args: Args, rank: usize) -> anyhow::Result<()> {
         "all_gather" => (Vec::new(), vec![(rank + 1) as f32; n / w]),
         _ => (vec![1f32; n], Vec::new()),
     };
-    let mut run_once = async |buf: &mut Vec<f32>, local: &[f32]| -> anyhow::Result<Vec<f32>> {
+    let run_once = async |buf: &mut Vec<f32>, local: &[f32]| -> anyhow::Result<Vec<f32>> {
         Ok(match op {
             "all_reduce" => {
                 group.all_reduce_sum(buf).await?;
