@@ -30,6 +30,14 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
+    /// WebDataset shards: write images and captions as shards.
+    #[command(subcommand)]
+    Shards(commands::shards::ShardsCommand),
+    /// Write the synthetic shapes dataset (train and held-out shards, zero-shot prompts).
+    Synth(commands::synth::Args),
+    /// Inspect datasets: stream a spec through the input pipeline and count.
+    #[command(subcommand)]
+    Data(commands::data::DataCommand),
     /// Run the coordinator of a training run (membership, quorums, shard ledger, run state).
     Coordinator(commands::coordinator::Args),
 }
@@ -56,6 +64,9 @@ fn main() -> std::process::ExitCode {
         Command::Embed(a) => commands::embed::run(a),
         Command::Models(a) => commands::models::run(a),
         Command::Bench(c) => commands::bench::run(c),
+        Command::Shards(c) => commands::shards::run(c),
+        Command::Synth(a) => commands::synth::run(a),
+        Command::Data(c) => commands::data::run(c),
         Command::Coordinator(a) => commands::coordinator::run(a),
     };
     match result {

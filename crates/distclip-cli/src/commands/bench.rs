@@ -13,6 +13,8 @@ use distclip_model::{ClipConfig, l2_normalize, loss::clip_loss};
 pub enum BenchCommand {
     /// Time full training steps on random inputs.
     Train(TrainArgs),
+    /// Time the input pipeline (or image decoding alone) over a dataset spec.
+    Data(super::bench_data::DataArgs),
     /// Bandwidth of collectives between worker processes on loopback (nccl-tests figures).
     Collective(super::bench_collective::Args),
 }
@@ -47,6 +49,7 @@ pub struct TrainArgs {
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Train(a) => train(a),
+        BenchCommand::Data(a) => super::bench_data::run(a),
         BenchCommand::Collective(a) => super::bench_collective::run(a),
     }
 }

@@ -2,11 +2,15 @@
 
 pub mod bench;
 pub mod bench_collective;
+pub mod bench_data;
 pub mod coordinator;
+pub mod data;
 pub mod embed;
 pub mod init;
 pub mod models;
 pub mod run_args;
+pub mod shards;
+pub mod synth;
 pub mod tokenize;
 
 use anyhow::Context;
