@@ -251,7 +251,8 @@ pub fn data_stats_with(
     };
     let cfg = LoaderConfig {
         threads: opts.threads.max(1),
-        batch_size: 64,
+        // Smaller batches under a small cap, so that the count stops at the cap.
+        batch_size: opts.max_samples.map_or(64, |m| m.clamp(1, 64) as usize),
         order: Order::Epoch,
         shuffle: false,
         prefetch: 32,
