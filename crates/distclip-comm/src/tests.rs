@@ -116,9 +116,10 @@ async fn all_reduce_is_bit_identical_across_ranks_on_real_floats() {
     let bits = |v: &Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(&out[0]), bits(&out[1]));
     assert_eq!(bits(&out[0]), bits(&out[2]));
-    for i in 0..n {
-        let exact: f64 = (0..w).map(|r| data(r)[i] as f64).sum();
-        assert!((out[0][i] as f64 - exact).abs() <= 1e-5 * (1.0 + exact.abs()), "element {i}: {} vs {exact}", out[0][i]);
+    let inputs: Vec<Vec<f32>> = (0..w).map(data).collect();
+    for (i, &got) in out[0].iter().enumerate() {
+        let exact: f64 = inputs.iter().map(|x| x[i] as f64).sum();
+        assert!((got as f64 - exact).abs() <= 1e-5 * (1.0 + exact.abs()), "element {i}: {got} vs {exact}");
     }
 }
 
