@@ -40,6 +40,10 @@ enum Command {
     Data(commands::data::DataCommand),
     /// Run the coordinator of a training run (membership, quorums, shard ledger, run state).
     Coordinator(commands::coordinator::Args),
+    /// Run one training worker: join a coordinator and train until the run finishes.
+    Worker(commands::worker::Args),
+    /// Start a coordinator and N workers on this machine (loopback) and wait for the run.
+    Launch(commands::launch::Args),
 }
 
 fn init_logging(format: &str) {
@@ -58,6 +62,7 @@ fn init_logging(format: &str) {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log_format);
+    let log_format = cli.log_format.clone();
     let result = match cli.command {
         Command::Tokenize(a) => commands::tokenize::run(a),
         Command::Init(a) => commands::init::run(a),
@@ -68,6 +73,8 @@ fn main() -> std::process::ExitCode {
         Command::Synth(a) => commands::synth::run(a),
         Command::Data(c) => commands::data::run(c),
         Command::Coordinator(a) => commands::coordinator::run(a),
+        Command::Worker(a) => commands::worker::run(a),
+        Command::Launch(a) => commands::launch::run(a, &log_format),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -15,6 +15,7 @@
 //! The network is not here: the step talks to the other ranks only through [`Collective`].
 
 pub mod collective;
+pub mod node;
 pub mod optim;
 pub mod params;
 mod state;

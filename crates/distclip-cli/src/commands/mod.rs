@@ -7,11 +7,13 @@ pub mod coordinator;
 pub mod data;
 pub mod embed;
 pub mod init;
+pub mod launch;
 pub mod models;
 pub mod run_args;
 pub mod shards;
 pub mod synth;
 pub mod tokenize;
+pub mod worker;
 
 use anyhow::Context;
 

@@ -1,0 +1,231 @@
+//! `distclip launch`: a coordinator and N workers as separate processes on loopback, the way an
+//! operator would start them on separate machines. Logs are forwarded with a prefix, Ctrl-C stops
+//! every process, and the exit code says whether the run finished.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use super::run_args::RunArgs;
+
+/// Arguments of `distclip launch`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Worker processes to start.
+    #[arg(long)]
+    workers: usize,
+    /// Shard spec of the training data (e.g. `/data/{00000..00099}.tar`).
+    #[arg(long)]
+    data: String,
+    /// Run directory (config, metrics, events, ledger, checkpoints).
+    #[arg(long)]
+    run_dir: PathBuf,
+    /// Device of every worker: `flex`, `cpu` or `cuda:N` (`cuda` alone gives worker i `cuda:i`).
+    #[arg(long, default_value = "flex")]
+    device: String,
+    /// Compute threads per worker.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Decode threads per worker.
+    #[arg(long)]
+    data_threads: Option<usize>,
+    /// Run configuration, options and overrides shared with `distclip coordinator`.
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// How long the coordinator may take to bind and announce its address.
+const COORDINATOR_START_TIMEOUT: Duration = Duration::from_secs(60);
+/// After Ctrl-C or a failed coordinator, how long processes get to exit before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+struct Proc {
+    name: String,
+    child: Child,
+    status: Option<ExitStatus>,
+}
+
+/// Start the run and wait for it.
+pub fn run(args: Args, log_format: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(args.workers >= 1, "--workers must be at least 1");
+    let started = Instant::now();
+    std::fs::create_dir_all(&args.run_dir)
+        .with_context(|| format!("creating run directory {}", args.run_dir.display()))?;
+    let exe = std::env::current_exe().context("finding the distclip executable")?;
+    let addr_file = args.run_dir.join("coordinator.addr");
+    // A stale address from an earlier run in the same directory must not be mistaken for ours.
+    let _ = std::fs::remove_file(&addr_file);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst))
+            .context("installing the Ctrl-C handler")?;
+    }
+
+    let mut cmd = Command::new(&exe);
+    cmd.arg("--log-format").arg(log_format).arg("coordinator");
+    cmd.arg("--data").arg(&args.data).arg("--run-dir").arg(&args.run_dir);
+    cmd.arg("--listen").arg("127.0.0.1:0");
+    cmd.arg("--min-workers").arg(args.workers.to_string());
+    cmd.args(args.run.to_cli_args());
+    let mut procs = vec![spawn("coordinator", cmd)?];
+
+    let coordinator = match wait_for_address(&addr_file, &mut procs[0], &stop) {
+        Ok(a) => a,
+        Err(e) => {
+            stop_all(&mut procs);
+            return Err(e);
+        }
+    };
+    tracing::info!("coordinator at {coordinator}; starting {} workers", args.workers);
+    for i in 0..args.workers {
+        let device = if args.device == "cuda" { format!("cuda:{i}") } else { args.device.clone() };
+        let mut cmd = Command::new(&exe);
+        cmd.arg("--log-format").arg(log_format).arg("worker");
+        cmd.arg("--coordinator").arg(format!("http://{coordinator}"));
+        cmd.arg("--listen").arg("127.0.0.1:0").arg("--device").arg(device);
+        if let Some(t) = args.threads {
+            cmd.arg("--threads").arg(t.to_string());
+        }
+        if let Some(t) = args.data_threads {
+            cmd.arg("--data-threads").arg(t.to_string());
+        }
+        // Rank 0 writes the final model here (the run directory is shared on loopback).
+        cmd.arg("--save-dir").arg(args.run_dir.join("checkpoints").join("final"));
+        if let Some(token) = args.run.token() {
+            cmd.env("DISTCLIP_TOKEN", token);
+        }
+        procs.push(spawn(&format!("worker-{i}"), cmd)?);
+    }
+
+    // Wait: the coordinator decides when the run is over; workers leave when it says so.
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            eprintln!("launch: interrupted, stopping every process");
+            stop_all(&mut procs);
+            bail!("interrupted");
+        }
+        for p in procs.iter_mut().filter(|p| p.status.is_none()) {
+            if let Some(s) = p.child.try_wait().with_context(|| format!("waiting for {}", p.name))? {
+                if !s.success() {
+                    eprintln!("launch: {} exited with {s}", p.name);
+                }
+                p.status = Some(s);
+            }
+        }
+        if let Some(s) = procs[0].status {
+            // Give workers the grace period to see the end of the run and leave on their own.
+            let deadline = Instant::now() + STOP_GRACE;
+            while Instant::now() < deadline && procs.iter_mut().any(|p| still_running(p)) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            stop_all(&mut procs);
+            let failed: Vec<String> = procs
+                .iter()
+                .filter(|p| !p.status.is_some_and(|s| s.success()))
+                .map(|p| p.name.clone())
+                .collect();
+            if !s.success() {
+                bail!("the coordinator failed ({s}); see {}", args.run_dir.join("events.jsonl").display());
+            }
+            if !failed.is_empty() {
+                // The run finished (the coordinator says so), but a worker did not exit cleanly:
+                // it was replaced or died; the events file tells which.
+                eprintln!("launch: the run finished; processes that did not exit cleanly: {}", failed.join(", "));
+            }
+            super::print_json(&serde_json::json!({
+                "run_dir": args.run_dir.display().to_string(),
+                "status": "finished",
+                "workers": args.workers,
+                "seconds": started.elapsed().as_secs_f64(),
+            }))?;
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn still_running(p: &mut Proc) -> bool {
+    if p.status.is_none() {
+        if let Ok(Some(s)) = p.child.try_wait() {
+            p.status = Some(s);
+        }
+    }
+    p.status.is_none()
+}
+
+/// Spawn with piped output forwarded line by line, prefixed with the process name.
+fn spawn(name: &str, mut cmd: Command) -> anyhow::Result<Proc> {
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().with_context(|| format!("starting {name}: {cmd:?}"))?;
+    if let Some(out) = child.stdout.take() {
+        forward(name, out);
+    }
+    if let Some(err) = child.stderr.take() {
+        forward(name, err);
+    }
+    Ok(Proc { name: name.to_owned(), child, status: None })
+}
+
+fn forward(name: &str, stream: impl Read + Send + 'static) {
+    let prefix = format!("{name:>11} | ");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            let mut err = std::io::stderr().lock();
+            let _ = writeln!(err, "{prefix}{line}");
+        }
+    });
+}
+
+/// The coordinator writes its bound address to `coordinator.addr` once it listens.
+fn wait_for_address(file: &Path, coordinator: &mut Proc, stop: &AtomicBool) -> anyhow::Result<String> {
+    let deadline = Instant::now() + COORDINATOR_START_TIMEOUT;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(file) {
+            let addr = text.trim();
+            if !addr.is_empty() {
+                return Ok(addr.to_owned());
+            }
+        }
+        if let Some(s) = coordinator.child.try_wait()? {
+            coordinator.status = Some(s);
+            bail!("the coordinator exited ({s}) before it listened; its log is above");
+        }
+        if stop.load(Ordering::SeqCst) {
+            bail!("interrupted");
+        }
+        if Instant::now() > deadline {
+            bail!("the coordinator did not announce its address in {} within {:?}", file.display(), COORDINATOR_START_TIMEOUT);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// SIGTERM everything still running, then SIGKILL what is left after the grace period.
+fn stop_all(procs: &mut [Proc]) {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    for p in procs.iter_mut() {
+        if still_running(p) {
+            let _ = kill(Pid::from_raw(p.child.id() as i32), Signal::SIGTERM);
+        }
+    }
+    let deadline = Instant::now() + STOP_GRACE;
+    while Instant::now() < deadline && procs.iter_mut().any(still_running) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for p in procs.iter_mut() {
+        if still_running(p) {
+            eprintln!("launch: {} ignored SIGTERM; killing it", p.name);
+            let _ = p.child.kill();
+            p.status = p.child.wait().ok();
+        }
+    }
+}
