@@ -115,7 +115,10 @@ pub struct DataConfig {
     pub augment: Augment,
     /// Per-worker sample shuffle buffer.
     pub shuffle_buffer: usize,
-    /// Shards a worker may hold leased at once (one being read, the rest prefetched).
+    /// Shards a worker may hold leased and unreported at once (0: no limit). A worker leases
+    /// just in time (one shard ahead of its decode threads), so the natural bound is its
+    /// shuffle buffer; a limit below what one batch plus the shuffle buffer span would stall
+    /// the worker, so keep 0 unless shards are large.
     pub shards_per_worker: usize,
 }
 
@@ -129,7 +132,7 @@ impl Default for DataConfig {
             shuffle: true,
             augment: Augment::Random,
             shuffle_buffer: 5000,
-            shards_per_worker: 2,
+            shards_per_worker: 0,
         }
     }
 }
@@ -360,9 +363,6 @@ impl RunConfig {
                 "cluster.heartbeat_timeout_ms",
                 "must be larger than cluster.heartbeat_interval_ms",
             );
-        }
-        if self.data.shards_per_worker == 0 {
-            return bad("data.shards_per_worker", "must be at least 1");
         }
         Ok(())
     }

@@ -106,7 +106,11 @@ impl MachineConfig {
             heartbeat_interval: Duration::from_millis(c.heartbeat_interval_ms),
             heartbeat_timeout: Duration::from_millis(c.heartbeat_timeout_ms),
             step_timeout: Duration::from_secs(c.step_timeout_s),
-            shards_per_worker: config.data.shards_per_worker.max(1),
+            // 0 in the config means no limit.
+            shards_per_worker: match config.data.shards_per_worker {
+                0 => usize::MAX,
+                n => n,
+            },
             epochs: config.train.epochs,
             max_steps: config.train.max_steps,
             seed: config.train.seed,
