@@ -128,7 +128,18 @@ fn two_workers_train_and_agree() {
         assert_eq!(audit["samples_committed"], 192);
     }
     assert!(run.join("config.toml").is_file());
-    assert!(run.join("checkpoints/final/model.safetensors").is_file());
+    let model = run.join("checkpoints/final/model.safetensors");
+    assert!(model.is_file());
+    // The trained model evaluates zero-shot on the held-out shards (19 samples: a tenth).
+    let zs = dir.join("data/zeroshot.json");
+    let e = run_ok(&["eval", "--model", "tiny", "--checkpoint", model.to_str().unwrap(), "--zeroshot", zs.to_str().unwrap()]);
+    for (task, classes) in [("shape", 4.0), ("colour", 8.0)] {
+        let r = &e["zeroshot"][task];
+        assert_eq!(r["samples"], 19, "{e}");
+        assert_eq!(r["chance"].as_f64(), Some(1.0 / classes), "{e}");
+        let (top1, top5) = (r["top1"].as_f64().unwrap(), r["top5"].as_f64().unwrap());
+        assert!((0.0..=1.0).contains(&top1) && top1 <= top5, "{e}");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -44,6 +44,10 @@ enum Command {
     Worker(commands::worker::Args),
     /// Start a coordinator and N workers on this machine (loopback) and wait for the run.
     Launch(commands::launch::Args),
+    /// Zero-shot classification or image-text retrieval of a model, as JSON.
+    Eval(commands::eval::Args),
+    /// The whole system in a few minutes: synthetic data, a 2-worker run, zero-shot before/after.
+    Demo(commands::demo::Args),
 }
 
 fn init_logging(format: &str) {
@@ -75,6 +79,8 @@ fn main() -> std::process::ExitCode {
         Command::Coordinator(a) => commands::coordinator::run(a),
         Command::Worker(a) => commands::worker::run(a),
         Command::Launch(a) => commands::launch::run(a, &log_format),
+        Command::Eval(a) => commands::eval::run(a),
+        Command::Demo(a) => commands::demo::run(a, &log_format),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
