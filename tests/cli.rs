@@ -1,8 +1,10 @@
 //! End-to-end tests of the `distclip` binary's contracts (JSON on stdout, errors that name the
 //! problem), driven as a user would, on the committed OpenCLIP fixtures.
 
+mod common;
+use common::{err_text, ok_json};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use serde_json::Value;
 
@@ -14,30 +16,8 @@ fn parity() -> PathBuf {
     root().join("tests/fixtures/parity")
 }
 
-fn distclip(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_distclip"))
-        .args(args)
-        .output()
-        .expect("run distclip")
-}
 
-fn ok_json(args: &[&str]) -> Value {
-    let out = distclip(args);
-    assert!(
-        out.status.success(),
-        "distclip {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    let last = stdout.lines().last().expect("a JSON line on stdout");
-    serde_json::from_str(last).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {stdout}"))
-}
 
-fn err_text(args: &[&str]) -> String {
-    let out = distclip(args);
-    assert!(!out.status.success(), "distclip {args:?} should fail");
-    String::from_utf8(out.stderr).unwrap()
-}
 
 fn expected(name: &str) -> Value {
     let path = parity().join(name).join("expected.json");

@@ -1,37 +1,17 @@
 //! End-to-end tests of the data commands of the `distclip` binary: `synth`, `shards write`,
 //! `data stats` and `bench data`, on tiny datasets made in a temporary folder.
 
+mod common;
+use common::{err_text, ok_json};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use distclip_data::samples::{ShardEvent, ShardReader};
 use distclip_data::writer::{TarWriter, encode_jpeg};
 use serde_json::{Value, json};
 
-fn distclip(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_distclip"))
-        .args(args)
-        .output()
-        .expect("run distclip")
-}
 
-fn ok_json(args: &[&str]) -> Value {
-    let out = distclip(args);
-    assert!(
-        out.status.success(),
-        "distclip {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    let last = stdout.lines().last().expect("a JSON line on stdout");
-    serde_json::from_str(last).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {stdout}"))
-}
 
-fn err_text(args: &[&str]) -> String {
-    let out = distclip(args);
-    assert!(!out.status.success(), "distclip {args:?} should fail");
-    String::from_utf8(out.stderr).unwrap()
-}
 
 /// A fresh temporary folder, removed when dropped.
 struct TempDir(PathBuf);

@@ -7,28 +7,19 @@
 //! - the ledger: an epoch over several (uneven) shards with 2 and 3 workers consumes every
 //!   sample exactly once, and the run directory's audit says so.
 
+mod common;
+use common::ok_json;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use serde_json::Value;
 
-fn distclip(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_distclip")).args(args).output().expect("run distclip")
-}
 
-fn run_ok(args: &[&str]) -> Value {
-    let out = distclip(args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "distclip {args:?} failed:\n{stderr}");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let last = stdout.lines().last().unwrap_or_else(|| panic!("no JSON on stdout; stderr:\n{stderr}"));
-    serde_json::from_str(last).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {stdout}"))
-}
 
 /// Synthetic shards: `n` samples, `per_shard` per shard, 32 px (the tiny model's size).
 fn synth(dir: &Path, n: usize, per_shard: usize) -> String {
     let out = dir.join("data");
-    let s = run_ok(&[
+    let s = ok_json(&[
         "synth",
         "--out",
         out.to_str().unwrap(),
@@ -67,7 +58,7 @@ fn launch(workers: usize, spec: &str, run_dir: &Path, extra: &[&str]) -> Value {
         "1",
     ];
     args.extend_from_slice(extra);
-    run_ok(&args)
+    ok_json(&args)
 }
 
 fn no_checksum_mismatch(run_dir: &Path) {
@@ -132,7 +123,7 @@ fn two_workers_train_and_agree() {
     assert!(model.is_file());
     // The trained model evaluates zero-shot on the held-out shards (19 samples: a tenth).
     let zs = dir.join("data/zeroshot.json");
-    let e = run_ok(&["eval", "--model", "tiny", "--checkpoint", model.to_str().unwrap(), "--zeroshot", zs.to_str().unwrap()]);
+    let e = ok_json(&["eval", "--model", "tiny", "--checkpoint", model.to_str().unwrap(), "--zeroshot", zs.to_str().unwrap()]);
     for (task, classes) in [("shape", 4.0), ("colour", 8.0)] {
         let r = &e["zeroshot"][task];
         assert_eq!(r["samples"], 19, "{e}");
@@ -191,7 +182,7 @@ fn two_workers_of_b_equal_one_worker_of_2b() {
     let b = load(&one.join("checkpoints/final/model.safetensors"));
     assert_eq!(a.len(), b.len());
     let init = dir.join("init.safetensors");
-    run_ok(&["init", "--model", "tiny", "--seed", "7", "--out", init.to_str().unwrap()]);
+    ok_json(&["init", "--model", "tiny", "--seed", "7", "--out", init.to_str().unwrap()]);
     let c = load(&init);
     // Float sums run in another order with two ranks, so parameters agree to rounding, which
     // AdamW amplifies where a gradient is near its epsilon. One slice is special: the key third
