@@ -64,6 +64,8 @@ pub struct RunConfig {
     pub train: TrainConfig,
     /// Membership, heartbeats, timeouts.
     pub cluster: ClusterConfig,
+    /// Evaluation during and after training.
+    pub eval: EvalConfig,
     /// Logging and checkpoints.
     pub log: LogConfig,
 }
@@ -264,6 +266,31 @@ impl Default for ClusterConfig {
     }
 }
 
+/// `[eval]`: held-out evaluation that rank 0 runs during training; results land in
+/// `metrics.jsonl` (lines with an `eval` field).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    /// Zero-shot classification: a `zeroshot.json` (a labelled WebDataset with class names and
+    /// templates, as `distclip synth` writes) or an image folder with one subfolder per class.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zeroshot: Option<String>,
+    /// Retrieval: a shard spec of held-out image-caption pairs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retrieval: Option<String>,
+    /// Evaluate every N steps (0: only after the last step). Nothing runs unless `zeroshot` or
+    /// `retrieval` is set.
+    pub every_steps: u64,
+    /// Images or captions per forward pass.
+    pub batch_size: usize,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self { zeroshot: None, retrieval: None, every_steps: 0, batch_size: 64 }
+    }
+}
+
 /// `[log]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -351,6 +378,9 @@ impl RunConfig {
         }
         if self.train.grad_clip_norm.is_some_and(|c| !(c > 0.0)) {
             return bad("train.grad_clip_norm", "must be > 0 (omit it to disable clipping)");
+        }
+        if self.eval.batch_size == 0 {
+            return bad("eval.batch_size", "must be at least 1");
         }
         if self.cluster.min_workers == 0 {
             return bad("cluster.min_workers", "must be at least 1");

@@ -18,7 +18,14 @@ pub fn known_keys() -> Vec<String> {
     }
     walk("", &defaults, &mut keys);
     for optional in
-        ["model.pretrained", "data.samples_per_epoch", "train.max_steps", "train.grad_clip_norm"]
+        [
+        "model.pretrained",
+        "data.samples_per_epoch",
+        "train.max_steps",
+        "train.grad_clip_norm",
+        "eval.zeroshot",
+        "eval.retrieval",
+    ]
     {
         keys.push(optional.to_owned());
     }
