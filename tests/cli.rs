@@ -194,3 +194,73 @@ fn libtorch_device_without_the_feature_says_how_to_build() {
     let e = err_text(&["embed", "--model", cfg.to_str().unwrap(), "--text", "x", "--device", "cuda:0"]);
     assert!(e.contains("--features tch"), "{e}");
 }
+
+/// A small run directory as the coordinator writes it: steps 0..=5 by two workers, step 3
+/// written twice (the first from before a resume), an evaluation line and events.
+fn write_synthetic_run(dir: &Path) {
+    let mut metrics = String::new();
+    let step = |s: u64, loss: f64| {
+        serde_json::json!({
+            "step": s, "epoch": 0, "quorum_id": 1, "world_size": 2, "loss": loss, "lr": 1e-4,
+            "logit_scale": 14.3, "grad_norm": 1.0, "samples": 16, "samples_seen": 16 * (s + 1),
+            "samples_per_s": 32.0, "step_s": 0.5, "data_s": 0.1, "compute_s": 0.3, "comm_s": 0.1,
+            "params_checksum": "c",
+            "workers": {
+                "w0": {"rank": 0, "samples": 8, "samples_per_s": 16.0, "data_s": 0.1, "compute_s": 0.3, "comm_s": 0.1, "step_s": 0.5},
+                "w1": {"rank": 1, "samples": 8, "samples_per_s": 20.0, "data_s": 0.05, "compute_s": 0.3, "comm_s": 0.05, "step_s": 0.4},
+            },
+        })
+    };
+    for (s, loss) in [(0, 2.0), (1, 1.9), (2, 1.8), (3, 7.0), (3, 1.7), (4, 1.6), (5, 1.5)] {
+        metrics.push_str(&format!("{}\n", step(s, loss)));
+    }
+    metrics.push_str(r#"{"step": 5, "epoch": 0, "eval": {"zeroshot": {"shapes": {"top1": 0.375, "top5": 0.875, "chance": 0.125, "samples": 64}}}}"#);
+    metrics.push('\n');
+    std::fs::write(dir.join("metrics.jsonl"), metrics).unwrap();
+    std::fs::write(
+        dir.join("events.jsonl"),
+        "{\"time\": 1.0, \"kind\": \"join\", \"worker\": \"w0\"}\n{\"time\": 2.0, \"kind\": \"death\", \"worker\": \"w1\", \"step\": 2}\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("config.toml"), "[model]\nname = \"tiny\"\n[train]\nbatch_size = 8\nlr = 0.0001\nepochs = 1\n")
+        .unwrap();
+}
+
+#[test]
+fn report_writes_plots_and_a_summary_of_a_run() {
+    let dir = std::env::temp_dir().join(format!("distclip-cli-report-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    write_synthetic_run(&dir);
+    let out = dir.join("out");
+    let r = ok_json(&["report", dir.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert_eq!(r["steps"], 6);
+    assert_eq!(Path::new(r["report"].as_str().unwrap()), out.join("report.md"));
+    let plots: Vec<&str> = r["plots"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
+    let names: Vec<&str> = plots.iter().map(|p| Path::new(p).file_name().unwrap().to_str().unwrap()).collect();
+    assert_eq!(names, ["loss.png", "lr.png", "logit_scale.png", "throughput.png", "step_time.png", "eval.png"]);
+    for p in &plots {
+        let bytes = std::fs::read(p).unwrap();
+        assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n") && bytes.len() > 5000, "{p}: {} bytes", bytes.len());
+    }
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    for want in [
+        "| model | `tiny` |",
+        "| steps committed | 6 (steps 0 to 5) |",
+        "| samples seen | 96 |",
+        "| loss | 2 (step 0) | 1.5 (step 5) | 1.5 (step 5) | 2 (step 0) |",
+        "| `w1` | 1 | 6 | 0.4 | 0.05 | 0.3 | 0.05 | 20 |",
+        "| `shapes` | 0.375 | 0.875 | 0.125 | 64 |",
+        "| death | 1 |",
+        "![step time per worker](step_time.png)",
+    ] {
+        assert!(md.contains(want), "report.md lacks {want:?}:\n{md}");
+    }
+    // Without --out the report goes to RUN/report.
+    let r = ok_json(&["report", dir.to_str().unwrap()]);
+    assert_eq!(Path::new(r["report"].as_str().unwrap()), dir.join("report/report.md"));
+    // A run that committed nothing is an error that says so.
+    std::fs::remove_file(dir.join("metrics.jsonl")).unwrap();
+    let e = err_text(&["report", dir.to_str().unwrap()]);
+    assert!(e.contains("no steps in") && e.contains("metrics.jsonl") && e.contains("did the run commit any step?"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -46,6 +46,8 @@ enum Command {
     Launch(commands::launch::Args),
     /// Zero-shot classification or image-text retrieval of a model, as JSON.
     Eval(commands::eval::Args),
+    /// Plots (PNG) and a Markdown summary of a training run directory.
+    Report(commands::report::Args),
     /// The whole system in a few minutes: synthetic data, a 2-worker run, zero-shot before/after.
     Demo(commands::demo::Args),
 }
@@ -80,6 +82,7 @@ fn main() -> std::process::ExitCode {
         Command::Worker(a) => commands::worker::run(a),
         Command::Launch(a) => commands::launch::run(a, &log_format),
         Command::Eval(a) => commands::eval::run(a),
+        Command::Report(a) => commands::report::run(a),
         Command::Demo(a) => commands::demo::run(a, &log_format),
     };
     match result {

@@ -11,6 +11,7 @@ pub mod eval;
 pub mod init;
 pub mod launch;
 pub mod models;
+pub mod report;
 pub mod run_args;
 pub mod shards;
 pub mod synth;
