@@ -11,6 +11,7 @@
 
 pub mod dataset;
 pub mod error;
+mod http;
 pub mod ledger;
 pub mod machine;
 pub mod membership;
