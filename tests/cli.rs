@@ -151,6 +151,40 @@ fn models_lists_presets_with_parameter_counts() {
 }
 
 #[test]
+fn config_prints_a_documented_default_file_that_loads_back() {
+    let out = common::distclip(&["config", "--model", "tiny"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("`cosine` | `const` | `const-cooldown`"), "{text}");
+    assert!(text.contains("# max_steps = "), "optional keys are shown commented out: {text}");
+    // Written to a file, it loads as the run config the coordinator would use: the defaults
+    // with the chosen model.
+    let dir = std::env::temp_dir().join(format!("distclip-cli-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("run.toml");
+    std::fs::write(&file, &text).unwrap();
+    let loaded = distclip_config::RunConfig::load(Some(&file), &[]).unwrap();
+    let mut expected = distclip_config::RunConfig::default();
+    expected.model.name = "tiny".into();
+    assert_eq!(loaded, expected);
+
+    // --out writes the same text, and will not replace a file without --force.
+    let again = dir.join("again.toml");
+    let got = ok_json(&["config", "--model", "tiny", "--out", again.to_str().unwrap()]);
+    assert_eq!(got["model"], "tiny");
+    assert_eq!(std::fs::read_to_string(&again).unwrap(), text);
+    let e = err_text(&["config", "--model", "tiny", "--out", again.to_str().unwrap()]);
+    assert!(e.contains("--force"), "{e}");
+    ok_json(&["config", "--model", "ViT-B-32", "--out", again.to_str().unwrap(), "--force"]);
+    assert!(std::fs::read_to_string(&again).unwrap().contains("name = \"ViT-B-32\""));
+    std::fs::remove_dir_all(&dir).ok();
+
+    // An unknown model is refused with the list of presets.
+    let e = err_text(&["config", "--model", "ViT-Q-99"]);
+    assert!(e.contains("ViT-Q-99") && e.contains("tiny") && e.contains("ViT-B-32"), "{e}");
+}
+
+#[test]
 fn bench_train_reports_throughput_and_a_falling_loss() {
     let got = ok_json(&["bench", "train", "--model", "tiny", "--batch", "8", "--steps", "4", "--threads", "1"]);
     assert!(got["samples_per_s"].as_f64().unwrap() > 0.0);

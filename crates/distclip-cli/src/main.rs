@@ -27,6 +27,8 @@ enum Command {
     Embed(commands::embed::Args),
     /// List the built-in model configs with their parameter counts.
     Models(commands::models::Args),
+    /// Print the documented default run configuration (TOML) for a model.
+    Config(commands::config::Args),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
@@ -74,6 +76,7 @@ fn main() -> std::process::ExitCode {
         Command::Init(a) => commands::init::run(a),
         Command::Embed(a) => commands::embed::run(a),
         Command::Models(a) => commands::models::run(a),
+        Command::Config(a) => commands::config::run(a),
         Command::Bench(c) => commands::bench::run(c),
         Command::Shards(c) => commands::shards::run(c),
         Command::Synth(a) => commands::synth::run(a),

@@ -6,11 +6,13 @@
 //! eps 1e-6, weight decay 0.2, warmup 10,000 steps, cosine schedule.
 
 mod overrides;
+mod template;
 
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 pub use overrides::{apply_override, known_keys};
+pub use template::documented_default;
 
 /// Configuration errors. Each names the key or file and says what would fix it.
 #[derive(Debug, thiserror::Error)]

@@ -48,6 +48,16 @@ pub enum CoordinatorError {
         /// Why.
         message: String,
     },
+    /// The HTTP (metrics) listen address is bad or taken.
+    #[error(
+        "cannot listen for HTTP (/metrics) on {addr}: {message}; pick another --http-listen address (port 0 picks a free port)"
+    )]
+    HttpBind {
+        /// The address as given.
+        addr: String,
+        /// Why.
+        message: String,
+    },
     /// The gRPC server stopped with an error.
     #[error("the gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),

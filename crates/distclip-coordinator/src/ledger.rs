@@ -506,6 +506,24 @@ impl EpochLedger {
         (done, total)
     }
 
+    /// Samples skipped as bad this epoch, by the reasons the workers reported. Positions
+    /// reported without a reason (or more than the reasons account for) count as `unknown`.
+    pub fn skipped_by_reason(&self) -> BTreeMap<String, u64> {
+        let mut out: BTreeMap<String, u64> = BTreeMap::new();
+        for s in self.shards.iter().filter(|s| !s.skipped.is_empty()) {
+            let mut explained = 0u64;
+            for (reason, n) in &s.skipped_by_reason {
+                *out.entry(reason.clone()).or_default() += n;
+                explained += n;
+            }
+            let rest = s.skipped.len().saturating_sub(explained);
+            if rest > 0 {
+                *out.entry("unknown".into()).or_default() += rest;
+            }
+        }
+        out
+    }
+
     /// URLs and errors of failed shards.
     pub fn failed(&self) -> Vec<String> {
         self.shards
@@ -714,6 +732,20 @@ mod tests {
         assert_eq!(audit["samples_total"], 5);
         assert_eq!(audit["failed_shards"][0], "/d/2.tar: HTTP 404");
         assert_eq!(audit["shards"][0]["exactly_once"], true);
+    }
+
+    #[test]
+    fn skipped_samples_are_counted_by_reason() {
+        let mut l = EpochLedger::new(0, &shards(2), shard_order(2, 0, 0, false));
+        assert!(l.skipped_by_reason().is_empty());
+        l.lease("a", 2, 2);
+        l.report("a", &report(0, 4, vec![1, 2])).unwrap();
+        // A worker that does not say why: the positions still count, as `unknown`.
+        l.report("a", &ShardReport { skipped: vec![0], ..report(1, 3, vec![]) }).unwrap();
+        let by_reason = l.skipped_by_reason();
+        assert_eq!(by_reason.get("decode"), Some(&2));
+        assert_eq!(by_reason.get("unknown"), Some(&1));
+        assert_eq!(by_reason.len(), 2);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! distclip's coordinator: admits workers, forms a quorum for every step, leases shards from an
 //! exactly-once ledger, decides commits by unanimous vote, persists the run state, and serves
-//! it all as the `distclip.v1.Coordinator` gRPC service (plus `grpc.health.v1`).
+//! it all as the `distclip.v1.Coordinator` gRPC service (plus `grpc.health.v1`), with
+//! Prometheus metrics over HTTP on a port of its own ([`metrics`]).
 //!
 //! The decisions live in pure, synchronous state machines ([`membership`], [`ledger`],
 //! [`machine`]) tested without a network; [`service`] is the async shell around them and
@@ -10,9 +11,11 @@
 
 pub mod dataset;
 pub mod error;
+mod http;
 pub mod ledger;
 pub mod machine;
 pub mod membership;
+pub mod metrics;
 pub mod persist;
 pub mod ranges;
 pub mod service;

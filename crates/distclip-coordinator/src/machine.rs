@@ -42,6 +42,8 @@ use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
+mod telemetry;
+
 /// Version of `state.json`'s layout.
 pub const STATE_VERSION: u32 = 1;
 
@@ -282,6 +284,7 @@ pub struct Machine {
     last_loss: f64,
     samples_per_s: f64,
     outbox: Outbox,
+    telemetry: telemetry::Telemetry,
 }
 
 impl Machine {
@@ -319,6 +322,7 @@ impl Machine {
             last_loss: f64::NAN,
             samples_per_s: 0.0,
             outbox: Outbox::default(),
+            telemetry: Default::default(),
         }
     }
 
@@ -924,6 +928,7 @@ impl Machine {
             fields["samples_skipped"] = audit["samples_skipped"].clone();
             fields["failed_shards"] = audit["failed_shards"].clone();
             self.outbox.audits.push((epoch, audit));
+            self.telemetry.epoch_ended(l.skipped_by_reason());
         }
         self.event("epoch_end", fields);
         self.epoch += 1;
@@ -948,6 +953,7 @@ impl Machine {
             l.unapply(&c.positions);
         }
         self.step = c.step;
+        self.telemetry.samples_going_down(self.samples_seen);
         self.samples_seen = self.samples_seen.saturating_sub(c.samples);
         self.epoch_samples = self.epoch_samples.saturating_sub(c.samples);
         self.outbox.state_changed = true;
@@ -1156,6 +1162,7 @@ impl Machine {
             },
         };
         if !response.commit {
+            self.telemetry.step_dropped();
             // The retry of this step gets a new quorum id even with the same members, so its
             // vote (and any data-plane message) is never confused with the failed attempt's.
             self.prev_members = None;
@@ -1244,6 +1251,10 @@ impl Machine {
             .iter()
             .map(|v| (*v, v.metrics.clone().unwrap_or_default()))
             .collect();
+        self.telemetry.record_step(
+            metrics.iter().map(|(v, m)| (v.worker_id.as_str(), m)),
+            &self.members,
+        );
         let max = |f: fn(&distclip_proto::v1::StepMetrics) -> f64| {
             metrics.iter().map(|(_, m)| f(m)).fold(0.0, f64::max)
         };

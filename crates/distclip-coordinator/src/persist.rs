@@ -1,5 +1,5 @@
 //! The run directory: `state.json` (atomic), `config.toml`, `events.jsonl`, `metrics.jsonl`,
-//! `ledger/epoch-N.json` and `coordinator.addr`.
+//! `ledger/epoch-N.json`, `coordinator.addr` and `coordinator.http`.
 
 use crate::error::CoordinatorError;
 use crate::machine::{Event, SavedState};
@@ -97,6 +97,11 @@ impl RunDir {
         self.root.join("coordinator.addr")
     }
 
+    /// `coordinator.http`: the actual address of the HTTP endpoint (`/metrics`).
+    pub fn http_addr_path(&self) -> PathBuf {
+        self.root.join("coordinator.http")
+    }
+
     fn write(&self, path: PathBuf, bytes: &[u8]) -> Result<(), CoordinatorError> {
         write_atomic(&path, bytes).map_err(|source| CoordinatorError::Io {
             action: "write",
@@ -149,6 +154,11 @@ impl RunDir {
     /// Write `coordinator.addr` (one line, `host:port`).
     pub fn write_addr(&self, addr: &str) -> Result<(), CoordinatorError> {
         self.write(self.addr_path(), format!("{addr}\n").as_bytes())
+    }
+
+    /// Write `coordinator.http` (one line, `host:port`).
+    pub fn write_http_addr(&self, addr: &str) -> Result<(), CoordinatorError> {
+        self.write(self.http_addr_path(), format!("{addr}\n").as_bytes())
     }
 
     fn append(&self, path: PathBuf, lines: &[Value]) -> Result<(), CoordinatorError> {

@@ -41,6 +41,9 @@ pub struct CoordinatorOptions {
     pub run_dir: PathBuf,
     /// Address to listen on, e.g. `0.0.0.0:7070`, or `127.0.0.1:0` for a free port.
     pub listen: String,
+    /// Address of the HTTP endpoint (`GET /metrics`, `GET /healthz`), e.g. `0.0.0.0:7071`;
+    /// port 0 picks a free one (written to `RUN_DIR/coordinator.http`). None: no HTTP.
+    pub http_listen: Option<String>,
     /// Run token every RPC must carry as `authorization: Bearer <token>`; None: no check.
     pub token: Option<String>,
     /// After the run finished (or failed), how long to wait for workers to leave before
@@ -51,13 +54,14 @@ pub struct CoordinatorOptions {
 }
 
 impl CoordinatorOptions {
-    /// Options with defaults: listen on `127.0.0.1:0`, no token.
+    /// Options with defaults: listen on `127.0.0.1:0`, no HTTP endpoint, no token.
     pub fn new(config: RunConfig, shards: Vec<ShardInfo>, run_dir: impl Into<PathBuf>) -> Self {
         Self {
             config,
             shards,
             run_dir: run_dir.into(),
             listen: "127.0.0.1:0".into(),
+            http_listen: None,
             token: None,
             exit_grace: None,
             tick: Duration::from_millis(100),
@@ -335,6 +339,7 @@ pub struct Coordinator {
     listener: tokio::net::TcpListener,
     addr: SocketAddr,
     shared: Arc<Shared>,
+    http: Option<crate::http::HttpListener>,
     tick: Duration,
     exit_grace: Duration,
 }
@@ -352,7 +357,8 @@ fn new_run_id() -> String {
 
 impl Coordinator {
     /// Expand the dataset, open (or resume) the run directory, write `config.toml`, and bind
-    /// the listen address. Writes `coordinator.addr` with the actual address.
+    /// the listen addresses. Writes `coordinator.http` and then `coordinator.addr` with the
+    /// actual addresses.
     pub async fn bind(opts: CoordinatorOptions) -> Result<Self, CoordinatorError> {
         let config = opts.config;
         let shards = opts.shards;
@@ -391,6 +397,8 @@ impl Coordinator {
             addr: opts.listen.clone(),
             message: e.to_string(),
         })?;
+        // Before coordinator.addr, which launchers wait for: both are there when it is.
+        let http = crate::http::bind(opts.http_listen.as_deref(), &dir).await?;
         dir.write_addr(&addr.to_string())?;
         let wait_limit = cfg.join_timeout + cfg.step_timeout + cfg.heartbeat_timeout;
         let (changed, _) = watch::channel(0);
@@ -411,6 +419,7 @@ impl Coordinator {
             listener,
             addr,
             shared,
+            http,
             tick: opts.tick.max(Duration::from_millis(1)),
             exit_grace,
         })
@@ -419,6 +428,11 @@ impl Coordinator {
     /// The address actually listened on (the port, when 0 was asked for).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The address of the HTTP endpoint (`/metrics`), if it has one.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().map(|h| h.local_addr())
     }
 
     /// The run's id.
@@ -438,6 +452,7 @@ impl Coordinator {
         let svc = CoordinatorServer::new(Service(shared.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let http = self.http.map(|l| crate::http::spawn(l, shared.clone()));
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let incoming = tonic::transport::server::TcpIncoming::from(self.listener);
         let server = tokio::spawn(
@@ -493,6 +508,9 @@ impl Coordinator {
         shared.closing.store(true, Ordering::SeqCst);
         shared.changed.send_modify(|g| *g = g.wrapping_add(1));
         let _ = stop_tx.send(());
+        if let Some(http) = http {
+            http.stop().await;
+        }
         match server_error {
             Some(Ok(Ok(()))) | None => {}
             Some(Ok(Err(e))) => return Err(CoordinatorError::Transport(e)),
@@ -526,4 +544,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<RunOutcome, CoordinatorError> {
     Coordinator::bind(opts).await?.run(shutdown).await
+}
+
+/// The HTTP endpoint reads the same machine, under the same lock.
+impl crate::http::MachineView for Shared {
+    fn with_machine<R>(&self, f: impl FnOnce(&Machine) -> R) -> R {
+        self.read(f)
+    }
 }

@@ -1,7 +1,8 @@
 //! `distclip coordinator`: run the control plane of a training run. It prints
-//! `coordinator listening on HOST:PORT` on stderr (and writes HOST:PORT to
-//! `RUN_DIR/coordinator.addr`) once it accepts connections, and the run's outcome as one JSON
-//! line on stdout when it ends. The exit status is non-zero if the run failed.
+//! `coordinator http listening on HOST:PORT` (Prometheus `/metrics`, `/healthz`; the address
+//! also in `RUN_DIR/coordinator.http`) and `coordinator listening on HOST:PORT` (gRPC; also in
+//! `RUN_DIR/coordinator.addr`) on stderr once it accepts connections, and the run's outcome as
+//! one JSON line on stdout when it ends. The exit status is non-zero if the run failed.
 
 use super::run_args::RunArgs;
 use anyhow::Context;
@@ -21,6 +22,10 @@ pub struct Args {
     /// Address to listen on; port 0 picks a free one (printed, and written to RUN_DIR/coordinator.addr).
     #[arg(long, default_value = "0.0.0.0:7070", value_name = "ADDR")]
     pub listen: String,
+    /// HTTP address of `GET /metrics` (Prometheus) and `GET /healthz`; port 0 picks a free one
+    /// (printed, and written to RUN_DIR/coordinator.http); `off`: no HTTP endpoint.
+    #[arg(long, default_value = "0.0.0.0:7071", value_name = "ADDR")]
+    pub http_listen: String,
     /// Workers needed before training starts (cluster.min_workers).
     #[arg(long)]
     pub min_workers: Option<usize>,
@@ -76,6 +81,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .collect();
     let mut opts = distclip_coordinator::CoordinatorOptions::new(config, shards, &args.run_dir);
     opts.listen = args.listen.clone();
+    opts.http_listen = (args.http_listen != "off").then(|| args.http_listen.clone());
     opts.token = token(&args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -83,7 +89,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     let outcome = runtime.block_on(async move {
         let coordinator = distclip_coordinator::Coordinator::bind(opts).await?;
-        // Machine-parsable: launchers wait for this line (or RUN_DIR/coordinator.addr).
+        // Machine-parsable: launchers wait for these lines (or RUN_DIR/coordinator.addr).
+        if let Some(http) = coordinator.http_addr() {
+            eprintln!("coordinator http listening on {http}");
+        }
         eprintln!("coordinator listening on {}", coordinator.local_addr());
         tracing::info!(run_id = %coordinator.run_id(), "coordinator started");
         let ctrl_c = async {

@@ -60,6 +60,8 @@ pub fn run(args: Args, log_format: &str) -> anyhow::Result<()> {
     let addr_file = args.run_dir.join("coordinator.addr");
     // A stale address from an earlier run in the same directory must not be mistaken for ours.
     let _ = std::fs::remove_file(&addr_file);
+    let http_file = args.run_dir.join("coordinator.http");
+    let _ = std::fs::remove_file(&http_file);
 
     let stop = Arc::new(AtomicBool::new(false));
     {
@@ -72,6 +74,8 @@ pub fn run(args: Args, log_format: &str) -> anyhow::Result<()> {
     cmd.arg("--log-format").arg(log_format).arg("coordinator");
     cmd.arg("--data").arg(&args.data).arg("--run-dir").arg(&args.run_dir);
     cmd.arg("--listen").arg("127.0.0.1:0");
+    // A free port, so runs side by side (and tests) never collide on the default 7071.
+    cmd.arg("--http-listen").arg("127.0.0.1:0");
     cmd.arg("--min-workers").arg(args.workers.to_string());
     cmd.args(args.run.to_cli_args());
     let mut procs = vec![spawn("coordinator", cmd)?];
@@ -84,6 +88,10 @@ pub fn run(args: Args, log_format: &str) -> anyhow::Result<()> {
         }
     };
     tracing::info!("coordinator at {coordinator}; starting {} workers", args.workers);
+    // Written before coordinator.addr, so it is there now.
+    if let Ok(http) = std::fs::read_to_string(&http_file) {
+        tracing::info!("metrics at http://{}/metrics", http.trim());
+    }
     for i in 0..args.workers {
         let device = if args.device == "cuda" { format!("cuda:{i}") } else { args.device.clone() };
         let mut cmd = Command::new(&exe);

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod bench_collective;
 pub mod bench_data;
+pub mod config;
 pub mod coordinator;
 pub mod data;
 pub mod demo;
