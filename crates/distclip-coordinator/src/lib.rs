@@ -14,7 +14,9 @@ pub mod ledger;
 pub mod machine;
 pub mod membership;
 pub mod persist;
+pub mod progress;
 pub mod ranges;
+mod resume;
 pub mod service;
 
 pub use error::CoordinatorError;
