@@ -38,6 +38,16 @@ pub enum CoordinatorError {
         /// What is wrong.
         message: String,
     },
+    /// `--resume` named no usable checkpoint.
+    #[error(
+        "cannot resume from checkpoint `{spec}`: {message}; pass --resume latest, a checkpoint directory, or start over with a fresh --run-dir"
+    )]
+    Checkpoint {
+        /// The `--resume` value.
+        spec: String,
+        /// What is wrong.
+        message: String,
+    },
     /// The listen address is bad or taken.
     #[error(
         "cannot listen on {addr}: {message}; pick another --listen address (port 0 picks a free port)"

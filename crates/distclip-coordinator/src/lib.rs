@@ -17,7 +17,9 @@ pub mod machine;
 pub mod membership;
 pub mod metrics;
 pub mod persist;
+pub mod progress;
 pub mod ranges;
+mod resume;
 pub mod service;
 
 pub use error::CoordinatorError;

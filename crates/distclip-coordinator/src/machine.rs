@@ -33,7 +33,7 @@ use crate::membership::{JoinError, JoinKind, MemberInfo, Membership};
 use crate::ranges::RangeSet;
 use distclip_config::RunConfig;
 use distclip_proto::v1::{
-    CommitRequest, CommitResponse, HeartbeatRequest, HeartbeatResponse, JoinRequest, JoinResponse,
+    CommitRequest, CommitResponse, HeartbeatRequest, HeartbeatResponse, JoinRequest, JoinResponse, RecordRequest,
     LeaseRequest, LeaseResponse, LeaveRequest, Member, Quorum, QuorumRequest, QuorumResponse,
     RunStatus, ShardLease, ShardReport, StepAction, WorkerStatus,
 };
@@ -79,6 +79,8 @@ pub struct MachineConfig {
     pub samples_per_epoch: Option<u64>,
     /// Optimizer steps of the whole run for the LR schedule (0: unknown).
     pub total_steps: u64,
+    /// A checkpoint is due after every this many steps (0: only at the end).
+    pub checkpoint_every: u64,
 }
 
 impl MachineConfig {
@@ -95,7 +97,9 @@ impl MachineConfig {
             c.min_workers
         }
         .max(1) as u64;
-        let global_batch = (config.train.batch_size as u64).max(1) * world;
+        let global_batch = (config.train.batch_size as u64).max(1)
+            * (config.train.accum_freq as u64).max(1)
+            * world;
         let total_steps = match (config.train.max_steps, samples_per_epoch) {
             (Some(m), _) => m,
             (None, Some(n)) => config.train.epochs * n.div_ceil(global_batch),
@@ -120,6 +124,7 @@ impl MachineConfig {
             resampled: config.data.resampled,
             samples_per_epoch,
             total_steps,
+            checkpoint_every: config.log.checkpoint_every,
         }
     }
 }
@@ -171,7 +176,8 @@ impl Phase {
 pub struct Event {
     /// join, rejoin, leave, death, quorum, commit_failed, commit_refused, commit_undone,
     /// step_reset, epoch_end, failed_shard, ledger_conflict, report_ignored, checksum_mismatch,
-    /// resume, finish, failed.
+    /// resume, resume_from_checkpoint, checkpoint_due, checkpoint, checkpoint_failed,
+    /// checkpoint_corrupt, eval, finish, failed.
     pub kind: &'static str,
     /// Details, including the run's step, epoch and quorum id when it happened.
     pub fields: serde_json::Map<String, Value>,
@@ -283,8 +289,16 @@ pub struct Machine {
     generation: u64,
     last_loss: f64,
     samples_per_s: f64,
+    checkpoints: CheckpointPlan,
     outbox: Outbox,
     telemetry: telemetry::Telemetry,
+}
+
+/// Where checkpoints go and what a fresh worker loads, as the shell set them up.
+#[derive(Debug, Clone, Default)]
+struct CheckpointPlan {
+    dir: String,
+    resume_from: String,
 }
 
 impl Machine {
@@ -321,6 +335,7 @@ impl Machine {
             generation: 0,
             last_loss: f64::NAN,
             samples_per_s: 0.0,
+            checkpoints: CheckpointPlan::default(),
             outbox: Outbox::default(),
             telemetry: Default::default(),
         }
@@ -417,6 +432,21 @@ impl Machine {
             },
             last_commit: self.last_commit.clone(),
         }
+    }
+
+    /// Where workers write checkpoints, and the checkpoint a worker without state loads
+    /// (empty: none, a fresh run or a restart whose workers hold their state).
+    pub fn set_checkpoints(&mut self, dir: String, resume_from: String) {
+        self.checkpoints = CheckpointPlan { dir, resume_from };
+    }
+
+    /// The run state to store in a checkpoint taken now, as JSON. Every worker applies the
+    /// committed steps before the checkpoint is written, so there is no last commit to undo.
+    pub fn checkpoint_state(&self) -> Vec<u8> {
+        let mut s = self.snapshot();
+        s.last_commit = None;
+        // A struct of numbers, strings and vectors always serialises.
+        serde_json::to_vec(&s).unwrap_or_default()
     }
 
     /// Take the side effects accumulated since the last call.
@@ -551,6 +581,8 @@ impl Machine {
             heartbeat_timeout_ms: self.cfg.heartbeat_timeout.as_millis() as u64,
             total_steps: self.cfg.total_steps,
             num_shards: self.shards.len() as u64,
+            checkpoint_dir: self.checkpoints.dir.clone(),
+            resume_from: self.checkpoints.resume_from.clone(),
         })
     }
 
@@ -560,6 +592,33 @@ impl Machine {
             known: self
                 .members
                 .heartbeat(&req.worker_id, req.step, &req.state, now),
+        }
+    }
+
+    /// A checkpoint or evaluation a worker reports: an event, and for evaluations a
+    /// `metrics.jsonl` line `{"step", "epoch", "eval": {...}}` whose step is the index of the
+    /// last step applied before it (as on the per-step lines).
+    pub fn record(&mut self, req: &RecordRequest) {
+        let worker = req.worker_id.as_str();
+        let after = req.step.checked_sub(1);
+        if !req.checkpoint.is_empty() {
+            self.event("checkpoint", json!({"worker": worker, "after_step": req.step, "path": req.checkpoint}));
+        }
+        if !req.checkpoint_error.is_empty() {
+            self.event("checkpoint_failed", json!({"worker": worker, "after_step": req.step, "error": req.checkpoint_error}));
+        }
+        if req.eval_json.is_empty() {
+            return;
+        }
+        match serde_json::from_str::<Value>(&req.eval_json) {
+            Ok(results @ Value::Object(_)) => {
+                self.event("eval", json!({"worker": worker, "after_step": req.step, "results": results.clone()}));
+                self.outbox.metrics.push(json!({"step": after, "epoch": self.epoch, "eval": results}));
+            }
+            _ => self.event(
+                "record_ignored",
+                json!({"worker": worker, "reason": "eval_json is not a JSON object"}),
+            ),
         }
     }
 
@@ -732,6 +791,7 @@ impl Machine {
             step,
             epoch: self.epoch,
             heal_from: String::new(),
+            run_state: self.checkpoint_state(),
         }
     }
 
@@ -832,6 +892,7 @@ impl Machine {
         };
         let requests: Vec<Pending> = asked.iter().map(|(_, p)| p.clone()).collect();
         let action = self.decide_action(target, &requests);
+        let final_state = if action == StepAction::Finish { self.checkpoint_state() } else { Vec::new() };
         let heal_source = asked
             .iter()
             .find(|(_, p)| p.step == target)
@@ -850,6 +911,7 @@ impl Machine {
                 step: target,
                 epoch: self.epoch,
                 heal_from,
+                run_state: if action == StepAction::Finish { final_state.clone() } else { Vec::new() },
             };
             self.answers.insert(m.worker_id.clone(), (p.ticket, answer));
         }
@@ -1154,10 +1216,18 @@ impl Machine {
                 refuse(reason)
             }
             None => match self.commit_round(&round) {
-                Ok(()) => CommitResponse {
-                    commit: true,
-                    reason: String::new(),
-                },
+                Ok(()) => {
+                    let every = self.cfg.checkpoint_every;
+                    let due = every > 0 && self.step % every == 0;
+                    if due {
+                        self.event("checkpoint_due", json!({"after_step": self.step}));
+                    }
+                    CommitResponse {
+                        commit: true,
+                        reason: String::new(),
+                        run_state: if due { self.checkpoint_state() } else { Vec::new() },
+                    }
+                }
                 Err(reason) => refuse(reason),
             },
         };
@@ -1380,6 +1450,7 @@ impl Machine {
 
 fn refuse(reason: String) -> CommitResponse {
     CommitResponse {
+        run_state: Vec::new(),
         commit: false,
         reason,
     }

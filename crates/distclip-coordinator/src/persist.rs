@@ -92,6 +92,38 @@ impl RunDir {
         self.root.join("ledger").join(format!("epoch-{epoch}.json"))
     }
 
+    /// `checkpoints/`, absolute when the run directory can be resolved (workers are told it).
+    pub fn checkpoints_path(&self) -> PathBuf {
+        let root = std::fs::canonicalize(&self.root).unwrap_or_else(|_| self.root.clone());
+        root.join("checkpoints")
+    }
+
+    /// Drop the `metrics.jsonl` lines of steps at or after `step` (what a run resumed from
+    /// the checkpoint after `step` steps will do again), keeping one line per step.
+    pub fn truncate_metrics(&self, step: u64) -> Result<usize, CoordinatorError> {
+        let path = self.metrics_path();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(source) => return Err(CoordinatorError::Io { action: "read", path, source }),
+        };
+        let mut kept = String::with_capacity(text.len());
+        let mut dropped = 0;
+        for line in text.lines() {
+            let at = serde_json::from_str::<Value>(line).ok().and_then(|v| v["step"].as_u64());
+            if at.is_some_and(|s| s >= step) {
+                dropped += 1;
+            } else {
+                kept.push_str(line);
+                kept.push('\n');
+            }
+        }
+        if dropped > 0 {
+            self.write(path, kept.as_bytes())?;
+        }
+        Ok(dropped)
+    }
+
     /// `coordinator.addr`: the actual listen address, for launchers of a port-0 coordinator.
     pub fn addr_path(&self) -> PathBuf {
         self.root.join("coordinator.addr")

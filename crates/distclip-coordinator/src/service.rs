@@ -8,12 +8,13 @@ use crate::error::CoordinatorError;
 use crate::ledger::ShardInfo;
 use crate::machine::{Machine, MachineConfig, MachineError, Phase};
 use crate::persist::RunDir;
+use crate::progress::Progress;
 use distclip_config::RunConfig;
 use distclip_proto::v1::coordinator_server::{Coordinator as CoordinatorRpc, CoordinatorServer};
 use distclip_proto::v1::{
     CommitRequest, CommitResponse, HeartbeatRequest, HeartbeatResponse, JoinRequest, JoinResponse,
     LeaseRequest, LeaseResponse, LeaveRequest, LeaveResponse, QuorumRequest, QuorumResponse,
-    RunStatus, StatusRequest,
+    RecordRequest, RecordResponse, RunStatus, StatusRequest,
 };
 use std::future::Future;
 use std::net::SocketAddr;
@@ -51,6 +52,10 @@ pub struct CoordinatorOptions {
     pub exit_grace: Option<Duration>,
     /// How often the background task expires members and checks timeouts.
     pub tick: Duration,
+    /// Resume from a checkpoint: `latest` (the newest good one in `RUN/checkpoints`) or a
+    /// checkpoint directory. The run state comes from the checkpoint, not `state.json`, and
+    /// workers load its weights and optimizer state.
+    pub resume: Option<String>,
 }
 
 impl CoordinatorOptions {
@@ -65,6 +70,7 @@ impl CoordinatorOptions {
             token: None,
             exit_grace: None,
             tick: Duration::from_millis(100),
+            resume: None,
         }
     }
 }
@@ -100,6 +106,7 @@ struct Shared {
     token: Option<String>,
     closing: AtomicBool,
     wait_limit: Duration,
+    progress: Mutex<Progress>,
 }
 
 impl Shared {
@@ -124,6 +131,12 @@ impl Shared {
             }
             if let Err(e) = self.dir.append_metrics(&out.metrics) {
                 tracing::error!("{e}");
+            }
+            if let Ok(mut p) = self.progress.lock() {
+                let now = Instant::now();
+                for line in out.metrics.iter().filter_map(|m| p.observe(m, now)) {
+                    tracing::info!(target: "distclip::progress", "{line}");
+                }
             }
             for ev in &out.events {
                 log_event(ev);
@@ -328,6 +341,16 @@ impl CoordinatorRpc for Service {
         Ok(Response::new(LeaveResponse {}))
     }
 
+    async fn record(
+        &self,
+        request: Request<RecordRequest>,
+    ) -> Result<Response<RecordResponse>, Status> {
+        self.0.authorize(&request, "Record")?;
+        let req = request.into_inner();
+        self.0.with(|m, _| m.record(&req));
+        Ok(Response::new(RecordResponse {}))
+    }
+
     async fn status(&self, request: Request<StatusRequest>) -> Result<Response<RunStatus>, Status> {
         self.0.authorize(&request, "Status")?;
         Ok(Response::new(self.0.read(|m| m.status(Instant::now()))))
@@ -377,15 +400,30 @@ impl Coordinator {
         let dir = RunDir::create(&opts.run_dir)?;
         let toml = config.to_toml();
         let now = Instant::now();
-        let machine = match dir.load_state()? {
-            Some(saved) => Machine::resume(cfg.clone(), toml.clone(), shards, saved, now).map_err(
-                |message| CoordinatorError::State {
-                    path: dir.state_path(),
-                    message,
-                },
-            )?,
-            None => Machine::new(cfg.clone(), toml.clone(), new_run_id(), shards, now),
+        let checkpoints = dir.checkpoints_path();
+        let (machine, resume_from) = match &opts.resume {
+            Some(spec) => {
+                let (saved, from) = crate::resume::from_checkpoint(&dir, spec)?;
+                let path = from.clone();
+                let m = Machine::resume(cfg.clone(), toml.clone(), shards, saved, now)
+                    .map_err(|message| CoordinatorError::State { path, message })?;
+                (m, from.display().to_string())
+            }
+            None => match dir.load_state()? {
+                Some(saved) => {
+                    let m = Machine::resume(cfg.clone(), toml.clone(), shards, saved, now).map_err(
+                        |message| CoordinatorError::State {
+                            path: dir.state_path(),
+                            message,
+                        },
+                    )?;
+                    (m, String::new())
+                }
+                None => (Machine::new(cfg.clone(), toml.clone(), new_run_id(), shards, now), String::new()),
+            },
         };
+        let mut machine = machine;
+        machine.set_checkpoints(checkpoints.display().to_string(), resume_from);
         dir.write_config(&toml)?;
         let listener = tokio::net::TcpListener::bind(&opts.listen)
             .await
@@ -409,6 +447,7 @@ impl Coordinator {
             token: opts.token.filter(|t| !t.is_empty()),
             closing: AtomicBool::new(false),
             wait_limit,
+            progress: Mutex::new(Progress::new(cfg.total_steps, cfg.epochs, config.log.every_steps)),
         });
         // The state file exists from the start, so a restart right away resumes this run id.
         shared.with(|m, _| m.mark_state_changed());

@@ -12,10 +12,12 @@
 
 mod embed;
 mod retrieval;
+mod suite;
 mod zeroshot;
 
 pub use embed::{EvalOptions, Pair, encode_images, encode_texts, read_pairs};
 pub use retrieval::{RetrievalMetrics, retrieval, retrieval_from_features};
+pub use suite::{Suite, evaluate, zero_shot_path};
 pub use zeroshot::{
     Accuracy, ZeroShotFile, ZeroShotTask, accuracy_from_features, classifier, zero_shot_folder,
     zero_shot_webdataset,

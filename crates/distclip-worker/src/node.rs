@@ -6,7 +6,7 @@
 //! the wiring: coordinator RPCs, the data-plane ring, the loader and the lease relay.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,6 +22,8 @@ use distclip_data::{
 use distclip_model::ClipConfig;
 use distclip_model::checkpoint::{load_state_dict, read_state_dict};
 use distclip_model::device::parse_device;
+use distclip_eval::{EvalOptions, Suite};
+use burn::tensor::Device;
 use distclip_proto::v1 as pb;
 use pb::coordinator_client::CoordinatorClient;
 use tonic::service::interceptor::InterceptedService;
@@ -48,8 +50,12 @@ pub struct WorkerOptions {
     pub token: Option<String>,
     /// Stable worker id (default: host, pid and a random suffix).
     pub worker_id: Option<String>,
-    /// Where rank 0 writes the final model (`model.safetensors`).
+    /// Where rank 0 also writes the final model (`model.safetensors`), besides the final
+    /// checkpoint.
     pub save_dir: Option<PathBuf>,
+    /// Where rank 0 writes checkpoints, when the coordinator's `RUN/checkpoints` is not
+    /// reachable under the same path from this machine.
+    pub checkpoint_dir: Option<PathBuf>,
 }
 
 /// What a finished worker reports.
@@ -287,10 +293,10 @@ fn hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
-/// Positions of a batch, grouped by shard for the commit.
-fn consumed(batch: Option<&Batch>) -> Vec<pb::ShardIndices> {
+/// Positions of a step's micro-batches, grouped by shard for the commit.
+fn consumed(micro: &[Batch]) -> Vec<pb::ShardIndices> {
     let mut by_shard: std::collections::BTreeMap<usize, Vec<u64>> = Default::default();
-    for p in batch.map(|b| b.positions.as_slice()).unwrap_or_default() {
+    for p in micro.iter().flat_map(|b| b.positions.iter()) {
         by_shard.entry(p.shard).or_default().push(p.index);
     }
     by_shard.into_iter().map(|(shard, indices)| pb::ShardIndices { shard: shard as u64, indices }).collect()
@@ -387,6 +393,24 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
     let optim = OptimConfig::from_train(&config.train, join.total_steps)
         .map_err(|e| WorkerError::Config(e.to_string()))?;
     let mut trainer = Trainer::new(model, optim, &device).map_err(|e| WorkerError::Setup(e.to_string()))?;
+    if !join.resume_from.is_empty() {
+        resume(&mut trainer, Path::new(&join.resume_from))?;
+    }
+    let checkpoints = Checkpoints {
+        root: opts
+            .checkpoint_dir
+            .clone()
+            .or_else(|| (!join.checkpoint_dir.is_empty()).then(|| PathBuf::from(&join.checkpoint_dir))),
+        keep: config.log.keep_checkpoints,
+        config_toml: join.config_toml.clone(),
+    };
+    let suite = Suite {
+        zeroshot: config.eval.zeroshot.clone(),
+        templates: Vec::new(),
+        retrieval: config.eval.retrieval.clone(),
+    };
+    let evaluator = Evaluator { model: &model_cfg, device: &device, suite, batch_size: config.eval.batch_size };
+    let accum = config.train.accum_freq.max(1);
 
     // The state a healing peer pulls: refreshed whenever the membership changes.
     let snapshot: Arc<Mutex<Option<Vec<u8>>>> = Arc::new(Mutex::new(None));
@@ -431,7 +455,10 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
 
     let mut epoch = 0u64;
     let mut feed: Option<Feed> = None;
-    let mut batch: Option<Batch> = None;
+    // This step's micro-batches (`train.accum_freq` of them, fewer at the end of an epoch).
+    let mut micro: Vec<Batch> = Vec::new();
+    let final_state: Vec<u8>;
+    let mut last_eval: Option<u64> = None;
     let mut data_s = 0.0;
     let mut reports: Vec<pb::ShardReport> = Vec::new();
     let mut group: Option<Group> = None;
@@ -449,21 +476,21 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
             )?);
         }
         let f = feed.as_mut().expect("feed was just started");
-        if batch.is_none() {
+        if micro.is_empty() {
             set_state(trainer.step(), "loading");
             let t = Instant::now();
             // The loader's last batch of an epoch may hold no examples, only the summaries of
             // shards finished last: keep those for the coordinator and look further.
-            while let Some(b) = f.next_batch()? {
+            while micro.len() < accum {
+                let Some(b) = f.next_batch()? else { break };
                 reports.extend(b.finished.iter().map(|s| report(epoch, s)));
                 if !b.is_empty() {
-                    batch = Some(b);
-                    break;
+                    micro.push(b);
                 }
             }
             data_s = t.elapsed().as_secs_f64();
         }
-        if batch.is_none() && !reports.is_empty() {
+        if micro.is_empty() && !reports.is_empty() {
             // The epoch can only end once every shard is reported; with no batch left there is
             // no commit to carry these.
             rt.block_on(client.lease(pb::LeaseRequest {
@@ -480,17 +507,20 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
                 worker_id: worker_id.clone(),
                 step: trainer.step(),
                 epoch,
-                has_data: batch.is_some(),
+                has_data: !micro.is_empty(),
             }))
             .map_err(rpc_err(&url, "quorum"))?
             .into_inner();
         match pb::StepAction::try_from(q.action).unwrap_or(pb::StepAction::Unspecified) {
-            pb::StepAction::Finish => break,
+            pb::StepAction::Finish => {
+                final_state = q.run_state;
+                break;
+            }
             pb::StepAction::NextEpoch => {
                 tracing::info!("epoch {epoch} complete; starting epoch {}", q.epoch);
                 epoch = q.epoch;
                 feed = None;
-                batch = None;
+                micro.clear();
                 continue;
             }
             pb::StepAction::Wait => {
@@ -548,16 +578,17 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
         let checksum_before = format!("{:016x}", trainer.checksum());
         let lr = trainer.config().lr_at(trainer.step());
         let logit_scale = f64::from(trainer.model().logit_scale_exp());
-        let empty = LocalBatch { images: &[], tokens: &[], len: 0 };
-        let local = batch
-            .as_ref()
-            .map(|b| LocalBatch { images: &b.images, tokens: &b.tokens, len: b.len() })
-            .unwrap_or(empty);
+        let mut locals: Vec<LocalBatch> =
+            micro.iter().map(|b| LocalBatch { images: &b.images, tokens: &b.tokens, len: b.len() }).collect();
+        if locals.is_empty() {
+            locals.push(LocalBatch { images: &[], tokens: &[], len: 0 });
+        }
+        let local_len: usize = locals.iter().map(|l| l.len).sum();
         let mut comm_s = 0.0;
         let result = match &group {
             Some(g) => {
                 let mut ring = Ring { group: g, handle: &handle, comm_s: 0.0 };
-                let r = trainer.forward_backward(local, &mut ring);
+                let r = trainer.forward_backward_accum(&locals, &mut ring);
                 comm_s = ring.comm_s;
                 r
             }
@@ -576,14 +607,14 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
                 step: q.step,
                 ok,
                 error: error.clone(),
-                consumed: consumed(batch.as_ref()),
+                consumed: consumed(&micro),
                 shard_reports: reports.clone(),
                 metrics: Some(pb::StepMetrics {
                     loss,
                     lr,
                     logit_scale,
                     grad_norm: result.as_ref().map(|p| p.grad_norm()).unwrap_or(f64::NAN),
-                    samples: local.len as u32,
+                    samples: local_len as u32,
                     data_s,
                     compute_s,
                     comm_s,
@@ -606,8 +637,19 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
                         "step"
                     );
                 }
-                batch = None;
+                micro.clear();
                 reports.clear();
+                if rank == 0 {
+                    let step = trainer.step();
+                    let written = (!commit.run_state.is_empty())
+                        .then(|| checkpoints.write(&trainer, &distclip_checkpoint::step_name(step), &commit.run_state));
+                    let eval_due = config.eval.every_steps > 0 && step % config.eval.every_steps == 0;
+                    let results = if eval_due { evaluator.run(&trainer) } else { None };
+                    if results.is_some() {
+                        last_eval = Some(step);
+                    }
+                    record(&rt, &mut client, &worker_id, step, written, results);
+                }
             }
             _ => {
                 tracing::warn!(step = q.step, "step dropped: {}", if ok { commit.reason } else { error });
@@ -619,6 +661,11 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
     set_state(trainer.step(), "finished");
     let final_checksum = format!("{:016x}", trainer.checksum());
     if rank == 0 {
+        let step = trainer.step();
+        let results = if last_eval != Some(step) { evaluator.run(&trainer) } else { None };
+        let written = (!final_state.is_empty())
+            .then(|| checkpoints.write(&trainer, distclip_checkpoint::FINAL_NAME, &final_state));
+        record(&rt, &mut client, &worker_id, step, written, results);
         if let Some(dir) = &opts.save_dir {
             std::fs::create_dir_all(dir)
                 .map_err(|e| WorkerError::Setup(format!("creating {}: {e}", dir.display())))?;
@@ -660,5 +707,129 @@ fn heal(
             return Err(WorkerError::Setup(format!("could not heal from {peer} at step {step} within 60 s")));
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Load the optimizer state of the checkpoint the run resumed from (the coordinator verified
+/// its checksums; the state carries its own).
+fn resume(trainer: &mut Trainer, dir: &Path) -> Result<(), WorkerError> {
+    let path = dir.join(distclip_checkpoint::OPTIMIZER_FILE);
+    let bytes = std::fs::read(&path).map_err(|e| {
+        WorkerError::Setup(format!(
+            "resuming from {}: {e}; every worker must see the run directory under the same path (a shared volume), or pass --checkpoint-dir",
+            path.display()
+        ))
+    })?;
+    trainer
+        .load_state_bytes(&bytes)
+        .map_err(|e| WorkerError::Setup(format!("resuming from {}: {e}", path.display())))?;
+    tracing::info!("resumed from {} at step {}", dir.display(), trainer.step());
+    Ok(())
+}
+
+/// Where and how rank 0 writes checkpoints.
+struct Checkpoints {
+    root: Option<PathBuf>,
+    keep: usize,
+    config_toml: String,
+}
+
+impl Checkpoints {
+    /// Write the checkpoint `name` (model, optimizer state, the coordinator's run state, the
+    /// config) atomically, then drop all but the newest `keep`. Returns its path or why not.
+    fn write(&self, trainer: &Trainer, name: &str, run_state: &[u8]) -> Result<PathBuf, String> {
+        let root = self.root.as_ref().ok_or("the coordinator named no checkpoint directory; pass --checkpoint-dir")?;
+        let state: serde_json::Value =
+            serde_json::from_slice(run_state).map_err(|e| format!("the coordinator sent an unreadable run state: {e}"))?;
+        let meta = distclip_checkpoint::CheckpointMeta {
+            step: trainer.step(),
+            epoch: state["epoch"].as_u64().unwrap_or(0),
+            samples_seen: state["samples_seen"].as_u64().unwrap_or(0),
+            run_id: state["run_id"].as_str().unwrap_or_default().to_owned(),
+        };
+        let model = distclip_model::checkpoint::safetensors_bytes(&trainer.state_dict()).map_err(|e| e.to_string())?;
+        let optimizer = trainer.state_bytes();
+        let files: [(&str, &[u8]); 4] = [
+            (distclip_checkpoint::MODEL_FILE, &model),
+            (distclip_checkpoint::OPTIMIZER_FILE, &optimizer),
+            (distclip_checkpoint::RUN_STATE_FILE, run_state),
+            (distclip_checkpoint::CONFIG_FILE, self.config_toml.as_bytes()),
+        ];
+        let path = distclip_checkpoint::write_checkpoint(root, name, &meta, &files).map_err(|e| e.to_string())?;
+        if let Err(e) = distclip_checkpoint::prune(root, self.keep) {
+            tracing::warn!("pruning old checkpoints: {e}");
+        }
+        tracing::info!("checkpoint after step {} written to {}", meta.step, path.display());
+        Ok(path)
+    }
+}
+
+/// Rank 0's held-out evaluation (`[eval]` of the run config).
+struct Evaluator<'a> {
+    model: &'a ClipConfig,
+    device: &'a Device,
+    suite: Suite,
+    batch_size: usize,
+}
+
+impl Evaluator<'_> {
+    /// Results as a JSON object, or None when nothing is configured or it failed (logged).
+    fn run(&self, trainer: &Trainer) -> Option<String> {
+        if self.suite.is_empty() {
+            return None;
+        }
+        let t = Instant::now();
+        // A plain (non-autodiff) copy of the current weights: evaluation needs no graph.
+        let model = match load_state_dict(self.model.init(self.device), &trainer.state_dict()) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!("evaluation skipped: {e}");
+                return None;
+            }
+        };
+        let opts = EvalOptions { batch_size: self.batch_size.max(1), ..EvalOptions::default() };
+        match distclip_eval::evaluate(&model, self.device, &self.suite, &opts) {
+            Ok(v) => {
+                tracing::info!("evaluated after step {} in {:.1}s", trainer.step(), t.elapsed().as_secs_f64());
+                Some(v.to_string())
+            }
+            Err(e) => {
+                tracing::warn!("evaluation after step {} failed: {e}; check [eval] in the run config", trainer.step());
+                None
+            }
+        }
+    }
+}
+
+/// Tell the coordinator about a checkpoint and evaluation results (best effort: the run goes
+/// on without its records, and the files are on disk either way).
+fn record(
+    rt: &tokio::runtime::Runtime,
+    client: &mut Client,
+    worker_id: &str,
+    step: u64,
+    checkpoint: Option<Result<PathBuf, String>>,
+    eval: Option<String>,
+) {
+    if checkpoint.is_none() && eval.is_none() {
+        return;
+    }
+    let (path, error) = match checkpoint {
+        Some(Ok(p)) => (p.display().to_string(), String::new()),
+        Some(Err(e)) => {
+            tracing::error!("checkpoint after step {step} failed: {e}");
+            (String::new(), e)
+        }
+        None => (String::new(), String::new()),
+    };
+    let req = pb::RecordRequest {
+        worker_id: worker_id.to_owned(),
+        step,
+        checkpoint: path,
+        checkpoint_error: error,
+        eval_json: eval.unwrap_or_default(),
+    };
+    if let Err(s) = rt.block_on(client.record(req)) {
+        tracing::warn!("could not record a checkpoint or evaluation with the coordinator: {}", s.message());
     }
 }

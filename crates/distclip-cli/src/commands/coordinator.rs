@@ -32,6 +32,11 @@ pub struct Args {
     /// Refuse workers beyond this many (cluster.max_workers; 0: no limit).
     #[arg(long)]
     pub max_workers: Option<usize>,
+    /// Resume from a checkpoint: `latest` (the newest good one in RUN_DIR/checkpoints), a
+    /// checkpoint directory, or another run directory. Without it, a run directory with a
+    /// state.json continues from that state (a coordinator restart under live workers).
+    #[arg(long, value_name = "latest|PATH")]
+    pub resume: Option<String>,
     /// Read the run token from this file (first line) instead of --token / DISTCLIP_TOKEN.
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
@@ -83,6 +88,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     opts.listen = args.listen.clone();
     opts.http_listen = (args.http_listen != "off").then(|| args.http_listen.clone());
     opts.token = token(&args)?;
+    opts.resume = args.resume.clone();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

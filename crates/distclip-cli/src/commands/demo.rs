@@ -88,6 +88,10 @@ pub fn run(args: Args, log_format: &str) -> anyhow::Result<()> {
         .args(["--model", "tiny", "--threads", "1", "--data-threads", "1"])
         .args(["--batch-size", &args.batch_size.to_string(), "--epochs", &args.epochs.to_string()])
         .args(["--lr", &format!("{:?}", args.lr), "--warmup", "50", "--seed", &args.seed.to_string()])
+        // Held-out zero-shot accuracy during training (into metrics.jsonl and the report), and
+        // checkpoints a run could resume from.
+        .args(["--set", &format!("eval.zeroshot={:?}", summary.zeroshot), "--set", "eval.every_steps=150"])
+        .args(["--set", "log.checkpoint_every=250", "--set", "log.every_steps=50"])
         .stdout(std::process::Stdio::null())
         .status()
         .context("starting distclip launch")?;
@@ -97,7 +101,10 @@ pub fn run(args: Args, log_format: &str) -> anyhow::Result<()> {
     let model = run_dir.join("checkpoints/final/model.safetensors");
     let (after, _) = accuracy(Some(&model))?;
     eprintln!("demo: zero-shot {TASK} accuracy after training: {after:.3} (chance {chance:.3})");
+    let report = distclip_report::write_report(&run_dir, None).context("writing the run report")?;
     eprintln!("demo: metrics in {}, events in {}", run_dir.join("metrics.jsonl").display(), run_dir.join("events.jsonl").display());
+    eprintln!("demo: report with {} plots in {}", report.plots.len(), report.markdown.display());
+    eprintln!("demo: checkpoints in {}", run_dir.join("checkpoints").display());
     super::print_json(&serde_json::json!({
         "zero_shot_top1_before": before,
         "zero_shot_top1_after": after,

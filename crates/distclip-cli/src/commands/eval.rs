@@ -1,10 +1,10 @@
 //! `distclip eval --checkpoint FILE --model NAME (--zeroshot DIR|FILE | --retrieval SPEC)`:
 //! zero-shot classification or image-text retrieval, as OpenCLIP evaluates, printed as JSON.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Context;
-use distclip_eval::{EvalOptions, ZeroShotFile, retrieval, zero_shot_folder, zero_shot_webdataset};
+use distclip_eval::{EvalOptions, Suite, evaluate};
 
 /// Arguments of `distclip eval`.
 #[derive(clap::Args, Debug)]
@@ -50,32 +50,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     device.seed(args.seed);
     let model = super::embed::load_model(&args.model, args.checkpoint.as_ref(), &device)?;
     let opts = EvalOptions { batch_size: args.batch_size.max(1), max_samples: args.max_samples, ..Default::default() };
-    let out = if let Some(spec) = &args.retrieval {
-        let m = retrieval(&model, &device, spec, &opts).context("retrieval evaluation")?;
-        serde_json::json!({ "retrieval": m })
-    } else {
-        let path = args.zeroshot.as_deref().context("give --zeroshot or --retrieval")?;
-        serde_json::json!({ "zeroshot": zero_shot(&model, &device, path, &args.template, &opts)? })
+    let suite = Suite {
+        zeroshot: args.zeroshot.as_ref().map(|p| p.display().to_string()),
+        templates: args.template.clone(),
+        retrieval: args.retrieval.clone(),
     };
+    let what = if suite.retrieval.is_some() { "retrieval evaluation" } else { "zero-shot evaluation" };
+    let out = evaluate(&model, &device, &suite, &opts).context(what)?;
     super::print_json(&out)
-}
-
-/// Zero-shot accuracy per task (`{task: {top1, top5, samples, chance}}`) for a task file, or
-/// `{"folder": ...}` for an image folder.
-pub fn zero_shot(
-    model: &distclip_model::Clip,
-    device: &burn::tensor::Device,
-    path: &Path,
-    templates: &[String],
-    opts: &EvalOptions,
-) -> anyhow::Result<serde_json::Value> {
-    if path.is_dir() {
-        let acc = zero_shot_folder(model, device, path, templates, opts).context("zero-shot evaluation")?;
-        return Ok(serde_json::json!({ "folder": acc }));
-    }
-    let file = ZeroShotFile::load(path)?;
-    let results = zero_shot_webdataset(model, device, &file, opts).context("zero-shot evaluation")?;
-    Ok(serde_json::Value::Object(
-        results.into_iter().map(|(name, acc)| (name, serde_json::to_value(acc).unwrap_or_default())).collect(),
-    ))
 }

@@ -34,6 +34,10 @@ pub struct Args {
     /// Decode threads per worker.
     #[arg(long)]
     data_threads: Option<usize>,
+    /// Continue a run from a checkpoint: `latest` (the newest good one in RUN_DIR/checkpoints)
+    /// or a checkpoint directory. Required to reuse a run directory that already holds a run.
+    #[arg(long, value_name = "latest|PATH")]
+    resume: Option<String>,
     /// Run configuration, options and overrides shared with `distclip coordinator`.
     #[command(flatten)]
     run: RunArgs,
@@ -57,6 +61,12 @@ pub fn run(args: Args, log_format: &str) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.run_dir)
         .with_context(|| format!("creating run directory {}", args.run_dir.display()))?;
     let exe = std::env::current_exe().context("finding the distclip executable")?;
+    if args.resume.is_none() && args.run_dir.join("state.json").exists() {
+        bail!(
+            "{} already holds a run; pass --resume latest to continue it from its last checkpoint, or choose a new --run-dir",
+            args.run_dir.display()
+        );
+    }
     let addr_file = args.run_dir.join("coordinator.addr");
     // A stale address from an earlier run in the same directory must not be mistaken for ours.
     let _ = std::fs::remove_file(&addr_file);
@@ -78,6 +88,9 @@ pub fn run(args: Args, log_format: &str) -> anyhow::Result<()> {
     cmd.arg("--http-listen").arg("127.0.0.1:0");
     cmd.arg("--min-workers").arg(args.workers.to_string());
     cmd.args(args.run.to_cli_args());
+    if let Some(r) = &args.resume {
+        cmd.arg("--resume").arg(r);
+    }
     let mut procs = vec![spawn("coordinator", cmd)?];
 
     let coordinator = match wait_for_address(&addr_file, &mut procs[0], &stop) {
@@ -104,8 +117,6 @@ pub fn run(args: Args, log_format: &str) -> anyhow::Result<()> {
         if let Some(t) = args.data_threads {
             cmd.arg("--data-threads").arg(t.to_string());
         }
-        // Rank 0 writes the final model here (the run directory is shared on loopback).
-        cmd.arg("--save-dir").arg(args.run_dir.join("checkpoints").join("final"));
         if let Some(token) = args.run.token() {
             cmd.env("DISTCLIP_TOKEN", token);
         }

@@ -35,9 +35,14 @@ pub struct Args {
     /// Stable worker id (default: host, pid and a random suffix).
     #[arg(long)]
     worker_id: Option<String>,
-    /// Where rank 0 writes the final model as `model.safetensors`.
+    /// Where rank 0 also writes the final model as `model.safetensors` (the final checkpoint
+    /// is in the run directory's checkpoints/final either way).
     #[arg(long)]
     save_dir: Option<PathBuf>,
+    /// Where rank 0 writes checkpoints, if the coordinator's RUN_DIR/checkpoints is not
+    /// reachable under the same path here; resuming reads from the coordinator's path.
+    #[arg(long)]
+    checkpoint_dir: Option<PathBuf>,
 }
 
 /// Run the worker until the run finishes.
@@ -58,6 +63,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         token: args.token.or_else(|| std::env::var("DISTCLIP_TOKEN").ok()).filter(|t| !t.is_empty()),
         worker_id: args.worker_id,
         save_dir: args.save_dir,
+        checkpoint_dir: args.checkpoint_dir,
     })
     .context("worker failed")?;
     super::print_json(&serde_json::json!({

@@ -149,22 +149,7 @@ mod tests {
     use std::time::{Duration, Instant};
 
     fn machine(t: Instant) -> Machine {
-        let cfg = MachineConfig {
-            min_workers: 2,
-            max_workers: 0,
-            join_timeout: Duration::from_secs(10),
-            heartbeat_interval: Duration::from_secs(1),
-            heartbeat_timeout: Duration::from_secs(5),
-            step_timeout: Duration::from_secs(30),
-            shards_per_worker: 2,
-            epochs: 2,
-            max_steps: None,
-            seed: 0,
-            shuffle: false,
-            resampled: false,
-            samples_per_epoch: None,
-            total_steps: 40,
-        };
+        let cfg = MachineConfig { epochs: 2, total_steps: 40, ..super::super::tests::cfg() };
         let shards = (0..2).map(|i| ShardInfo { url: format!("/d/{i}.tar"), weight: 1.0 }).collect();
         Machine::new(cfg, String::new(), "run-m".into(), shards, t)
     }

@@ -1,7 +1,8 @@
 use super::*;
 use distclip_proto::v1::ShardIndices;
 
-fn cfg() -> MachineConfig {
+/// The machine config every unit test starts from (also used by `telemetry`'s tests).
+pub(super) fn cfg() -> MachineConfig {
     MachineConfig {
         min_workers: 2,
         max_workers: 0,
@@ -17,6 +18,7 @@ fn cfg() -> MachineConfig {
         resampled: false,
         samples_per_epoch: None,
         total_steps: 0,
+        checkpoint_every: 0,
     }
 }
 
