@@ -2,7 +2,7 @@
 //! top level exactly as OpenCLIP lays it out (`transformer`, `token_embedding`, ...), and the
 //! learned temperature.
 
-use burn::module::{Module, Param};
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::Initializer;
 use burn::tensor::module::embedding;
 use burn::tensor::{Device, Int, Tensor};
@@ -70,8 +70,19 @@ pub enum TextPool {
 
 impl ClipConfig {
     /// Build a freshly initialised model with OpenCLIP's initialisation scheme. Seed the
-    /// device (`device.seed(s)`) first for a reproducible init.
+    /// device (`device.seed(s)`) first for a reproducible init: the same seed gives the same
+    /// weights whichever code path builds the model.
     pub fn init(&self, device: &Device) -> Clip {
+        let clip = self.init_lazy(device);
+        // Burn draws a parameter's values when it is first read, from one global RNG, so the
+        // draw would depend on the order in which the caller happens to touch parameters
+        // (`distclip init` saving them, a worker moving them to autodiff). Draw them all now,
+        // in declaration order.
+        clip.visit(&mut Materialise);
+        clip
+    }
+
+    fn init_lazy(&self, device: &Device) -> Clip {
         let t = &self.text_cfg;
         let act = if self.quick_gelu {
             Activation::QuickGelu
@@ -123,6 +134,15 @@ impl ClipConfig {
             text_eos_id: t.eos_id,
             text_final_ln_after_pool: t.final_ln_after_pool,
         }
+    }
+}
+
+/// Reads every float parameter once, which makes Burn run its pending initialiser.
+struct Materialise;
+
+impl ModuleVisitor for Materialise {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let _ = param.val();
     }
 }
 
@@ -180,5 +200,34 @@ impl Clip {
     /// Input resolution of the image tower.
     pub fn image_size(&self) -> usize {
         self.visual.image_size()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::{StateDict, state_dict};
+
+    fn values(s: &StateDict) -> Vec<(String, Vec<f32>)> {
+        s.iter().map(|(k, t)| (k.clone(), t.data.clone())).collect()
+    }
+
+    /// The weights of a seed do not depend on which parameter the caller reads first.
+    #[test]
+    fn a_seed_gives_the_same_weights_whatever_is_read_first() {
+        let cfg = ClipConfig::from_name_or_path("tiny").unwrap();
+        let device = crate::device::parse_device("flex").unwrap();
+        device.seed(7);
+        let in_order = values(&state_dict(&cfg.init(&device)));
+        device.seed(7);
+        let model = cfg.init(&device);
+        // Touch late parameters first, as a caller with another visiting order would.
+        let _ = model.logit_scale.val();
+        let _ = model.positional_embedding.val();
+        let out_of_order = values(&state_dict(&model));
+        assert_eq!(in_order, out_of_order);
+        device.seed(8);
+        let other_seed = values(&state_dict(&cfg.init(&device)));
+        assert_ne!(in_order, other_seed);
     }
 }
