@@ -670,7 +670,7 @@ mod tests {
     }
 
     fn fixture(name: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
+        Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo"))
             .join("../../tests/fixtures/wds")
             .join(name)
     }

@@ -10,7 +10,7 @@ use distclip_data::transform::{Augment, TransformConfig};
 use distclip_data::{ShardList, ShardOpener};
 
 fn dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/wds/python-shards")
+    Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo")).join("../../tests/fixtures/wds/python-shards")
 }
 
 fn expected() -> Vec<serde_json::Value> {

@@ -15,7 +15,7 @@ fn flat(v: &Value) -> Vec<f32> {
 }
 
 fn check(config: &str) {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/parity");
+    let root = Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo")).join("../../tests/fixtures/parity");
     let expected: Value =
         serde_json::from_str(&std::fs::read_to_string(root.join(config).join("expected.json")).unwrap()).unwrap();
     let size = expected["config"]["vision_cfg"]["image_size"].as_u64().unwrap() as usize;

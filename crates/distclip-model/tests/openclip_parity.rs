@@ -13,7 +13,7 @@ use serde_json::Value;
 const TOL: f32 = 1e-4;
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/parity")
+    Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo")).join("../../tests/fixtures/parity")
 }
 
 fn json(path: &Path) -> Value {

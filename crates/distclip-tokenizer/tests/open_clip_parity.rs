@@ -75,7 +75,7 @@ fn trim(v: &[u32]) -> &[u32] {
 
 #[test]
 fn open_clip_fixture_parity() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/open_clip_tokens.json");
+    let path = Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo")).join("tests/fixtures/open_clip_tokens.json");
     let (header, cases) = load(&path);
     assert_eq!(header["open_clip_version"], "3.3.0");
     assert!(cases.len() > 1000, "fixture has {} cases", cases.len());
@@ -168,7 +168,7 @@ fn fuzz_parity() {
 /// One shared tokenizer used from several threads gives the same rows as one thread.
 #[test]
 fn shared_across_threads() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/open_clip_tokens.json");
+    let path = Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo")).join("tests/fixtures/open_clip_tokens.json");
     let (_, cases) = load(&path);
     let cases = &cases;
     std::thread::scope(|s| {

@@ -11,7 +11,7 @@ use distclip_worker::OptimConfig;
 use serde_json::Value;
 
 pub fn fixture_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/parity/step")
+    Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo")).join("../../tests/fixtures/parity/step")
 }
 
 pub fn expected() -> Value {
