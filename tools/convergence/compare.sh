@@ -18,16 +18,21 @@
 #      run started from (a one-step distclip run at lr 0 writes them; its parameter checksum
 #      must equal the demo run's at step 0), so that this pair differs only in sample order and
 #      crops. CONTROL=0 skips it.
-# Then every model is also evaluated with prompts shaped like the training captions ("a red
-# circle at the top left", data/zeroshot-captions.json) beside zeroshot.json's "a red circle",
-# and summarize.py prints the tables (per seed, mean ± sd, differences in points) and writes
+# zeroshot.json's prompts read like the training captions ("a {} circle at the top left",
+# ensembled over the attributes not classified). As a diagnostic every model is also evaluated
+# with the short prompts earlier versions of `distclip synth` wrote ("a {} circle",
+# data/zeroshot-short.json), and summarize.py prints the tables (per seed, mean ± sd, differences in points) and writes
 # WORK_DIR/results.json.
 #
 # Needs the anchor venv (torch 2.9.0, open_clip_torch 3.3.0, webdataset): PY overrides its
 # python. OpenCLIP runs with one torch thread (OC_THREADS), as each distclip worker computes with
 # one (`--threads 1` in the demo): on a loaded 2-core machine two OpenMP threads made OpenCLIP's
 # step ten times slower, and the thread count does not change what is computed.
-# RESUME=1 keeps the results of steps already done in WORK_DIR.
+# RESUME=1 keeps the results of steps already done in WORK_DIR. OPENCLIP_FROM=OLD_WORK_DIR takes
+# OpenCLIP's trained weights from an earlier compare.sh run instead of training again (hours on
+# 2 cores), after checking that seed S's training shards are byte-identical to that run's (the
+# dataset is a pure function of the seed); they are evaluated again with this run's zeroshot.json.
+# The control (4.) depends on distclip's initial weights and is not reused.
 set -euo pipefail
 
 BIN=${1:?usage: compare.sh DISTCLIP_BIN WORK_DIR [SEED...]}
@@ -69,9 +74,18 @@ for S in "${SEEDS[@]}"; do
     log "seed $S: OpenCLIP on the same shards"
     rm -rf "$D/openclip"
     t0=$(date +%s)
+    reuse=()
+    if [ -n "${OPENCLIP_FROM:-}" ]; then
+      old=$OPENCLIP_FROM/seed-$S
+      for f in "$D"/data/train/*.tar; do
+        cmp -s "$f" "$old/data/train/$(basename "$f")" || { log "seed $S: $f differs from $old's, cannot reuse"; exit 1; }
+      done
+      reuse=(--reuse "$old/openclip")
+    fi
     "$PY" "$HERE/openclip_train.py" --data "$D/data" --out "$D/openclip" --seed "$S" --threads "$OC_THREADS" \
-        --distclip "$BIN" > "$D/openclip.stdout" 2> "$D/openclip.stderr"
+        --distclip "$BIN" "${reuse[@]}" > "$D/openclip.stdout" 2> "$D/openclip.stderr"
     echo "$(( $(date +%s) - t0 ))" > "$D/openclip.seconds"
+    if [ -n "${OPENCLIP_FROM:-}" ]; then cp "$old/openclip.seconds" "$D/openclip.seconds"; fi
     tail -n 1 "$D/openclip.stdout" > "$D/openclip.json"
   fi
   log "seed $S: $(cat "$D/openclip.json")"
@@ -95,30 +109,27 @@ for S in "${SEEDS[@]}"; do
     log "seed $S: $(cat "$D/openclip-dcinit.json")"
   fi
 
-  # A diagnostic beside the demo's metric: the same held-out images and classes, with prompts
-  # shaped like the training captions ("a red circle at the top left", ensembled over the
-  # attributes not classified) instead of zeroshot.json's "a red circle", which is shorter than
-  # every training caption. Same evaluation code, both sides' weights.
+  # A diagnostic beside the demo's metric: the same held-out images and classes, with the short
+  # prompts earlier versions of `distclip synth` wrote ("a {} circle", ensembled over the other
+  # attribute), which end where no training caption ends. Same evaluation code, both sides'
+  # weights.
   "$PY" - "$D/data" <<'EOF'
 import json, sys
 from pathlib import Path
 data = Path(sys.argv[1])
 zs, cl = json.loads((data / "zeroshot.json").read_text()), json.loads((data / "classes.json").read_text())
-shapes, colours, positions = cl["shape"], cl["colour"], cl["position"]
-templates = {
-    "shape": [f"a {c} {{}} at the {p}" for c in colours for p in positions],
-    "colour": [f"a {{}} {s} at the {p}" for s in shapes for p in positions],
-}
+shapes, colours = cl["shape"], cl["colour"]
+templates = {"shape": [f"a {c} {{}}" for c in colours], "colour": [f"a {{}} {s}" for s in shapes]}
 for t in zs["tasks"]:
     t["templates"] = templates[t["name"]]
-(data / "zeroshot-captions.json").write_text(json.dumps(zs, indent=1) + "\n")
+(data / "zeroshot-short.json").write_text(json.dumps(zs, indent=1) + "\n")
 EOF
   for side in distclip openclip; do
     ckpt=$D/run/checkpoints/final/model.safetensors
     [ $side = openclip ] && ckpt=$D/openclip/open_clip_model.safetensors
-    if [ ! -s "$D/$side-captions-eval.json" ]; then
-      "$BIN" eval --model tiny --checkpoint "$ckpt" --zeroshot "$D/data/zeroshot-captions.json" 2>/dev/null \
-          | tail -n 1 > "$D/$side-captions-eval.json"
+    if [ ! -s "$D/$side-short-eval.json" ]; then
+      "$BIN" eval --model tiny --checkpoint "$ckpt" --zeroshot "$D/data/zeroshot-short.json" 2>/dev/null \
+          | tail -n 1 > "$D/$side-short-eval.json"
     fi
   done
 done

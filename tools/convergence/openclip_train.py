@@ -132,6 +132,10 @@ def main() -> None:
     ap.add_argument("--init", type=Path,
                     help="start from these weights (OpenCLIP names, e.g. `distclip init --model tiny --seed S`) "
                          "instead of OpenCLIP's own draw (passed as --pretrained)")
+    ap.add_argument("--reuse", type=Path,
+                    help="skip training: take the weights and log of an earlier --out of this script (trained "
+                         "on identical data, which the caller checks) and only evaluate them again, e.g. after "
+                         "zeroshot.json changed")
     args = ap.parse_args()
 
     started = time.time()
@@ -203,10 +207,15 @@ def main() -> None:
     ]
     if args.init:
         argv += ["--pretrained", str(args.init.resolve())]
-    print("open_clip_train.main " + " ".join(argv), file=sys.stderr, flush=True)
-    rc = oc_main.main(argv)
-    if rc not in (None, 0):
-        raise SystemExit(f"open_clip_train.main returned {rc}")
+    if args.reuse:
+        print(f"reusing the OpenCLIP run in {args.reuse} (was: open_clip_train.main {' '.join(argv)})",
+              file=sys.stderr, flush=True)
+        shutil.copytree(args.reuse.resolve() / "logs" / name, out / "logs" / name)
+    else:
+        print("open_clip_train.main " + " ".join(argv), file=sys.stderr, flush=True)
+        rc = oc_main.main(argv)
+        if rc not in (None, 0):
+            raise SystemExit(f"open_clip_train.main returned {rc}")
 
     run_dir = out / "logs" / name
     ckpt = torch.load(run_dir / "checkpoints" / f"epoch_{args.epochs}.pt", map_location="cpu", weights_only=False)
@@ -246,6 +255,7 @@ def main() -> None:
         "final_loss": final_loss,
         "seed": args.seed,
         "seconds": time.time() - started,
+        "reused": str(args.reuse.resolve()) if args.reuse else None,
     }))
 
 

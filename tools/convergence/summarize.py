@@ -6,7 +6,8 @@
 Prints Markdown: the demo's metric (held-out zero-shot top-1 with zeroshot.json's prompts, colour
 and shape) per seed for distclip, OpenCLIP, and OpenCLIP started from distclip's initial weights,
 then mean ± sd (sample sd) and the differences in points; then the diagnostics (OpenCLIP's own
-zero-shot classifier on OpenCLIP's weights, caption-shaped prompts for both, training times).
+zero-shot classifier on OpenCLIP's weights, the short prompts of earlier versions for both,
+training times).
 Also writes WORK_DIR/results.json. Standard library only.
 """
 
@@ -63,8 +64,8 @@ def main() -> None:
             row[f"openclip_{task}"] = oc["distclip_eval"][task] if oc else None
             row[f"openclip_dcinit_{task}"] = oci["distclip_eval"][task] if oci else None
             row[f"openclip_{task}_openclip_eval"] = oc["openclip_eval"][task] if oc else None
-            row[f"distclip_{task}_captions"] = top1(load(d / "distclip-captions-eval.json"), task)
-            row[f"openclip_{task}_captions"] = top1(load(d / "openclip-captions-eval.json"), task)
+            row[f"distclip_{task}_short"] = top1(load(d / "distclip-short-eval.json"), task)
+            row[f"openclip_{task}_short"] = top1(load(d / "openclip-short-eval.json"), task)
         row["demo_after_colour"] = demo["zero_shot_top1_after"]
         for side in ("distclip", "openclip", "openclip-dcinit"):
             f = d / f"{side}.seconds"
@@ -86,16 +87,16 @@ def main() -> None:
               f"| {ms(col(f'openclip_dcinit_{task}'))} | {ms(d2)} |")
 
     print("\nDiagnostics (%): OpenCLIP's weights under OpenCLIP's own zero-shot classifier; both under "
-          "caption-shaped prompts (`zeroshot-captions.json`):\n")
-    print("| seed | task | OpenCLIP, OpenCLIP's classifier | distclip, caption prompts | OpenCLIP, caption prompts |")
+          "the short prompts of earlier versions (`zeroshot-short.json`):\n")
+    print("| seed | task | OpenCLIP, OpenCLIP's classifier | distclip, short prompts | OpenCLIP, short prompts |")
     print("| --- | --- | ---: | ---: | ---: |")
     for task in ("colour", "shape"):
         for r in rows:
             print(f"| {r['seed']} | {task} | {pts(r[f'openclip_{task}_openclip_eval'])} "
-                  f"| {pts(r[f'distclip_{task}_captions'])} | {pts(r[f'openclip_{task}_captions'])} |")
+                  f"| {pts(r[f'distclip_{task}_short'])} | {pts(r[f'openclip_{task}_short'])} |")
         col = lambda k: [r[k] for r in rows]
         print(f"| mean ± sd | {task} | {ms(col(f'openclip_{task}_openclip_eval'))} "
-              f"| {ms(col(f'distclip_{task}_captions'))} | {ms(col(f'openclip_{task}_captions'))} |")
+              f"| {ms(col(f'distclip_{task}_short'))} | {ms(col(f'openclip_{task}_short'))} |")
 
     dc = [r["distclip_colour"] for r in rows]
     oc = [r["openclip_colour"] for r in rows]
