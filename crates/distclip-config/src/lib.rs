@@ -169,7 +169,7 @@ pub enum Loss {
 pub enum Precision {
     /// fp32 everywhere.
     Fp32,
-    /// bf16 autocast with fp32 master weights (`tch` CUDA only).
+    /// bf16 towers with fp32 master weights, loss, gradients and optimizer.
     Bf16,
 }
 

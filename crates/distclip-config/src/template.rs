@@ -139,8 +139,9 @@ pub(crate) const DOCS: &[KeyDoc] = &[
     ),
     choice(
         "train.precision",
-        "Numeric precision: `fp32` everywhere, or `bf16` autocast with fp32 master weights (tch \
-         backend on CUDA only).",
+        "Numeric precision: `fp32` everywhere, or `bf16` mixed precision: the towers compute in \
+         bf16 from fp32 master weights; loss, gradients and optimizer stay fp32. Meant for \
+         `--device cuda:N` (tch build); on CPU backends it runs but is not faster.",
         &["fp32", "bf16"],
     ),
     key("cluster", "Membership, heartbeats and timeouts, decided by the coordinator."),

@@ -392,7 +392,9 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
     let context_length = model.context_length();
     let optim = OptimConfig::from_train(&config.train, join.total_steps)
         .map_err(|e| WorkerError::Config(e.to_string()))?;
-    let mut trainer = Trainer::new(model, optim, &device).map_err(|e| WorkerError::Setup(e.to_string()))?;
+    let mut trainer = Trainer::new(model, optim, &device)
+        .map_err(|e| WorkerError::Setup(e.to_string()))?
+        .with_precision(config.train.precision);
     if !join.resume_from.is_empty() {
         resume(&mut trainer, Path::new(&join.resume_from))?;
     }

@@ -2,7 +2,7 @@
 //! `open_clip_train/scheduler.py`, `torch.nn.utils.clip_grad_norm_` over all parameters, and
 //! `torch.optim.AdamW` (single-tensor path) with f32 state, operation for operation.
 
-use distclip_config::{Loss, Precision, Schedule, TrainConfig};
+use distclip_config::{Loss, Schedule, TrainConfig};
 
 use crate::StepError;
 use crate::params::ParamLayout;
@@ -46,12 +46,6 @@ impl OptimConfig {
             return Err(StepError::Unsupported(format!(
                 "train.loss = {:?}: the distributed step implements ClipLoss only",
                 train.loss
-            )));
-        }
-        if train.precision != Precision::Fp32 {
-            return Err(StepError::Unsupported(format!(
-                "train.precision = {:?}: the step runs fp32 only (bf16 mixed precision is not implemented); set train.precision = \"fp32\"",
-                train.precision
             )));
         }
         Ok(OptimConfig {
@@ -182,13 +176,9 @@ mod tests {
     use distclip_model::ClipConfig;
 
     #[test]
-    fn unimplemented_losses_and_precisions_are_refused_not_ignored() {
+    fn unimplemented_losses_are_refused_not_ignored() {
         let mut t = TrainConfig::default();
         assert!(OptimConfig::from_train(&t, 10).is_ok());
-        t.precision = Precision::Bf16;
-        let e = OptimConfig::from_train(&t, 10).unwrap_err().to_string();
-        assert!(e.contains("train.precision") && e.contains("fp32"), "{e}");
-        t.precision = Precision::Fp32;
         t.loss = Loss::Siglip;
         let e = OptimConfig::from_train(&t, 10).unwrap_err().to_string();
         assert!(e.contains("train.loss"), "{e}");

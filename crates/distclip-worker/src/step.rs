@@ -3,8 +3,9 @@
 use std::path::Path;
 use std::time::Instant;
 
-use burn::module::Module;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::module::{Module, ModuleMapper, Param};
+use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData};
+use distclip_config::Precision;
 use distclip_model::checkpoint::{StateDict, save_safetensors, state_dict};
 use distclip_model::loss::clip_loss_local;
 use distclip_model::{Clip, l2_normalize};
@@ -112,6 +113,19 @@ pub struct Trainer {
     embed_dim: usize,
     vocab_size: usize,
     logit_scale_at: usize,
+    /// Dtype the towers compute in (None: the parameters' fp32).
+    compute: Option<FloatDType>,
+}
+
+/// Casts every float parameter; on an autodiff device the cast is tracked, so gradients flow
+/// back to (and accumulate in) the fp32 parameters the copy was made from.
+struct CastParams(FloatDType);
+
+impl ModuleMapper for CastParams {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let dtype = self.0;
+        param.map(|t| t.cast(dtype))
+    }
 }
 
 /// Accumulates seconds spent in collectives.
@@ -165,7 +179,20 @@ impl Trainer {
             embed_dim,
             vocab_size,
             logit_scale_at,
+            compute: None,
         })
+    }
+
+    /// Run the towers in `precision`. `Bf16` is mixed precision in the manner of PyTorch's
+    /// autocast with fp32 master weights: each forward uses a bf16 copy of the fp32 parameters
+    /// and bf16 inputs; the features are cast back to fp32 before normalisation, so the
+    /// gather, the loss, the gradient all-reduce, AdamW and every checkpoint stay fp32.
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.compute = match precision {
+            Precision::Fp32 => None,
+            Precision::Bf16 => Some(FloatDType::BF16),
+        };
+        self
     }
 
     /// As [`Trainer::new`], then load [`Trainer::state_bytes`] from a peer or a checkpoint.
@@ -260,7 +287,14 @@ impl Trainer {
         let ctx = self.model.context_length();
         let images = Tensor::<4>::from_data(TensorData::new(b.images.to_vec(), [b.len, 3, s, s]), device);
         let tokens = Tensor::<2, Int>::from_data(TensorData::new(b.tokens.to_vec(), [b.len, ctx]), device);
-        (l2_normalize(model.encode_image(images)), l2_normalize(model.encode_text(tokens)))
+        match self.compute {
+            None => (l2_normalize(model.encode_image(images)), l2_normalize(model.encode_text(tokens))),
+            Some(dtype) => {
+                let low = model.clone().map(&mut CastParams(dtype));
+                let fp32 = |f: Tensor<2>| l2_normalize(f.cast(FloatDType::F32));
+                (fp32(low.encode_image(images.cast(dtype))), fp32(low.encode_text(tokens)))
+            }
+        }
     }
 
     fn check_batch(&self, b: &LocalBatch<'_>) -> Result<(), String> {
