@@ -212,6 +212,9 @@ pub struct TrainConfig {
     pub loss: Loss,
     /// Numeric precision.
     pub precision: Precision,
+    /// Stop the run after this many consecutive steps with a non-finite loss or gradient
+    /// (each is dropped on every rank).
+    pub max_non_finite_steps: u32,
 }
 
 impl Default for TrainConfig {
@@ -233,6 +236,7 @@ impl Default for TrainConfig {
             seed: 0,
             loss: Loss::Clip,
             precision: Precision::Fp32,
+            max_non_finite_steps: 5,
         }
     }
 }
@@ -368,6 +372,9 @@ impl RunConfig {
         }
         if self.train.accum_freq == 0 {
             return bad("train.accum_freq", "must be at least 1");
+        }
+        if self.train.max_non_finite_steps == 0 {
+            return bad("train.max_non_finite_steps", "must be at least 1");
         }
         if !(self.train.lr.is_finite() && self.train.lr >= 0.0) {
             return bad("train.lr", "must be a finite number >= 0");

@@ -144,6 +144,11 @@ pub(crate) const DOCS: &[KeyDoc] = &[
          `--device cuda:N` (tch build); on CPU backends it runs but is not faster.",
         &["fp32", "bf16"],
     ),
+    key(
+        "train.max_non_finite_steps",
+        "A step whose loss or gradient is not finite is dropped on every rank (event \
+         `step_non_finite`); this many in a row (at least 1) stop the run.",
+    ),
     key("cluster", "Membership, heartbeats and timeouts, decided by the coordinator."),
     key("cluster.min_workers", "Training waits until this many workers (at least 1) are in the quorum."),
     key(

@@ -81,6 +81,8 @@ pub struct MachineConfig {
     pub total_steps: u64,
     /// A checkpoint is due after every this many steps (0: only at the end).
     pub checkpoint_every: u64,
+    /// Fail the run after this many consecutive steps dropped for a non-finite loss or gradient.
+    pub max_non_finite_steps: u32,
 }
 
 impl MachineConfig {
@@ -125,6 +127,7 @@ impl MachineConfig {
             samples_per_epoch,
             total_steps,
             checkpoint_every: config.log.checkpoint_every,
+            max_non_finite_steps: config.train.max_non_finite_steps.max(1),
         }
     }
 }
@@ -290,6 +293,8 @@ pub struct Machine {
     last_loss: f64,
     samples_per_s: f64,
     checkpoints: CheckpointPlan,
+    /// Steps dropped in a row for a non-finite loss or gradient (reset by a commit).
+    non_finite_streak: u32,
     outbox: Outbox,
     telemetry: telemetry::Telemetry,
 }
@@ -336,6 +341,7 @@ impl Machine {
             last_loss: f64::NAN,
             samples_per_s: 0.0,
             checkpoints: CheckpointPlan::default(),
+            non_finite_streak: 0,
             outbox: Outbox::default(),
             telemetry: Default::default(),
         }
@@ -1207,16 +1213,21 @@ impl Machine {
         let reason = abort.or_else(|| {
             (!failed.is_empty()).then(|| format!("step failed on {}", failed.join("; ")))
         });
+        let non_finite = round.votes.values().any(|v| !v.ok && v.non_finite);
         let response = match reason {
             Some(reason) => {
                 self.event(
                     "commit_failed",
                     json!({"failed_step": key.1, "reason": reason}),
                 );
+                if non_finite {
+                    self.non_finite_step(key.1, &reason);
+                }
                 refuse(reason)
             }
             None => match self.commit_round(&round) {
                 Ok(()) => {
+                    self.non_finite_streak = 0;
                     let every = self.cfg.checkpoint_every;
                     let due = every > 0 && self.step % every == 0;
                     if due {
@@ -1243,6 +1254,21 @@ impl Machine {
             self.decisions.pop_front();
         }
         self.round = Some(round);
+    }
+
+    /// A step dropped because its loss or gradient was not finite: an event, and the end of
+    /// the run once `max_non_finite_steps` happen in a row (retrying would only repeat them).
+    fn non_finite_step(&mut self, step: u64, reason: &str) {
+        self.non_finite_streak += 1;
+        let (streak, max) = (self.non_finite_streak, self.cfg.max_non_finite_steps);
+        self.event("step_non_finite", json!({"failed_step": step, "consecutive": streak, "reason": reason}));
+        if streak >= max {
+            self.fail(format!(
+                "{streak} consecutive steps had a non-finite loss or gradient (last, step {step}: {reason}); \
+                 lower train.lr, set train.grad_clip_norm, or check the data; the limit is \
+                 train.max_non_finite_steps = {max}"
+            ));
+        }
     }
 
     fn commit_round(&mut self, round: &Round) -> Result<(), String> {

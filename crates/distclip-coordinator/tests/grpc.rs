@@ -200,6 +200,7 @@ async fn fake_worker(addr: String, id: String, batch: usize, start_step: u64) ->
                             step_s: 0.01,
                             ..Default::default()
                         }),
+                        non_finite: false,
                     })
                     .await
                     .unwrap()

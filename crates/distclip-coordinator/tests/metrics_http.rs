@@ -120,6 +120,7 @@ async fn metrics_show_members_and_a_committed_step() {
                 step_s: 1.5,
                 params_checksum: String::new(),
             }),
+            non_finite: false,
         })
         .await
         .unwrap()

@@ -609,6 +609,7 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
                 step: q.step,
                 ok,
                 error: error.clone(),
+                non_finite: matches!(result, Err(StepError::NonFinite { .. })),
                 consumed: consumed(&micro),
                 shard_reports: reports.clone(),
                 metrics: Some(pb::StepMetrics {

@@ -194,6 +194,7 @@ mod tests {
                     step_s: 0.5 * (rank + 1) as f64,
                     params_checksum: String::new(),
                 }),
+                non_finite: false,
             },
             t,
         );

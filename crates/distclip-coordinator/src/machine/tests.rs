@@ -19,6 +19,7 @@ pub(super) fn cfg() -> MachineConfig {
         samples_per_epoch: None,
         total_steps: 0,
         checkpoint_every: 0,
+        max_non_finite_steps: 3,
     }
 }
 
@@ -121,6 +122,7 @@ fn vote(
                 step_s: 0.5,
                 ..Default::default()
             }),
+            non_finite: false,
         },
         now,
     )
@@ -774,4 +776,71 @@ fn status_reports_members_ranks_and_progress() {
     assert_eq!(s.workers[1].rank, 1);
     assert_eq!(s.workers[0].last_heartbeat_ms_ago, 250);
     assert_eq!(s.last_loss, 2.5);
+}
+
+/// Both members vote that step `q.step` had a non-finite loss; the decision.
+fn vote_non_finite(m: &mut Machine, q: &QuorumResponse, t: Instant) -> CommitResponse {
+    let quorum_id = q.quorum.as_ref().unwrap().quorum_id;
+    let bad = |id: &str| CommitRequest {
+        worker_id: id.into(),
+        quorum_id,
+        step: q.step,
+        ok: false,
+        error: "non-finite loss: NaN".into(),
+        non_finite: true,
+        ..Default::default()
+    };
+    m.vote(bad("a"), t);
+    m.vote(bad("b"), t).unwrap()
+}
+
+/// The next quorum of members "a" and "b" (a retry after a dropped step, or the next step).
+fn next_quorum(m: &mut Machine, t: Instant) -> QuorumResponse {
+    let step = m.step();
+    let (ta, tb) = (ask(m, "a", step, 0, true, t), ask(m, "b", step, 0, true, t));
+    answer(m, "b", tb);
+    answer(m, "a", ta)
+}
+
+#[test]
+fn non_finite_steps_are_dropped_and_too_many_in_a_row_fail_the_run() {
+    let (mut m, t, q) = two_training(2);
+    let streak = |m: &mut Machine| -> Vec<u64> {
+        let events = m.take_outbox().events;
+        events.iter().filter(|e| e.kind == "step_non_finite").map(|e| e.fields["consecutive"].as_u64().unwrap()).collect()
+    };
+    // Two in a row (cfg(): the limit is 3): dropped, counted, nothing committed.
+    let d = vote_non_finite(&mut m, &q, t);
+    assert!(!d.commit && d.reason.contains("non-finite loss"), "{d:?}");
+    let q = next_quorum(&mut m, t);
+    assert!(!vote_non_finite(&mut m, &q, t).commit);
+    assert_eq!(streak(&mut m), [1, 2]);
+    assert_eq!(m.step(), 0);
+    // A committed step ends the streak.
+    let q = next_quorum(&mut m, t);
+    lease(&mut m, "a", 1, t);
+    vote(&mut m, "a", &q, &[(0, &[0])], vec![], t);
+    assert!(vote(&mut m, "b", &q, &[], vec![], t).unwrap().commit);
+    assert_eq!(m.step(), 1);
+    // A failure that is not numerical does not count.
+    let q = next_quorum(&mut m, t);
+    let quorum_id = q.quorum.as_ref().unwrap().quorum_id;
+    let timeout = CommitRequest { worker_id: "a".into(), quorum_id, step: 1, error: "all-gather timed out".into(), ..Default::default() };
+    m.vote(timeout, t);
+    assert!(!vote(&mut m, "b", &q, &[], vec![], t).unwrap().commit);
+    assert_eq!(streak(&mut m), Vec::<u64>::new());
+    // Three in a row fail the run with an error that says what to change.
+    for expected in 1..=3 {
+        let q = next_quorum(&mut m, t);
+        assert!(!vote_non_finite(&mut m, &q, t).commit);
+        let events = m.take_outbox().events;
+        let counts: Vec<u64> = events.iter().filter(|e| e.kind == "step_non_finite").map(|e| e.fields["consecutive"].as_u64().unwrap()).collect();
+        assert_eq!(counts, [expected]);
+        assert_eq!(events.iter().any(|e| e.kind == "failed"), expected == 3, "{expected}");
+    }
+    match m.phase() {
+        Phase::Failed(e) => assert!(e.contains("3 consecutive") && e.contains("train.max_non_finite_steps"), "{e}"),
+        other => panic!("run not failed: {other:?}"),
+    }
+    assert_eq!(m.step(), 1);
 }
