@@ -197,6 +197,9 @@ pub struct Outbox {
     pub audits: Vec<(u64, Value)>,
     /// The persistent state changed: write `state.json` before answering.
     pub state_changed: bool,
+    /// A commit was taken back: drop the `metrics.jsonl` lines of this step and later ones
+    /// before appending `metrics`.
+    pub rewind_metrics: Option<u64>,
 }
 
 /// The positions of the last committed step, kept so that a commit persisted but applied by
@@ -211,6 +214,9 @@ pub struct CommitDelta {
     pub samples: u64,
     /// Positions per shard.
     pub positions: Vec<(u64, RangeSet)>,
+    /// The commit quorum before this commit, restored when it is taken back.
+    #[serde(default)]
+    pub prev_commit_quorum: u64,
 }
 
 /// What `state.json` holds: enough to resume mid-epoch with nothing lost.
@@ -240,12 +246,16 @@ pub struct SavedState {
     /// The last commit's positions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_commit: Option<CommitDelta>,
+    /// The quorum id under which the last step committed (0: unknown, accept any history).
+    #[serde(default)]
+    pub commit_quorum: u64,
 }
 
 #[derive(Debug, Clone)]
 struct Pending {
     ticket: u64,
     step: u64,
+    commit_quorum: u64,
     epoch: u64,
     has_data: bool,
     since: Instant,
@@ -295,6 +305,8 @@ pub struct Machine {
     checkpoints: CheckpointPlan,
     /// Steps dropped in a row for a non-finite loss or gradient (reset by a commit).
     non_finite_streak: u32,
+    /// The quorum id under which the last step committed (0: unknown).
+    commit_quorum: u64,
     outbox: Outbox,
     telemetry: telemetry::Telemetry,
 }
@@ -342,6 +354,7 @@ impl Machine {
             samples_per_s: 0.0,
             checkpoints: CheckpointPlan::default(),
             non_finite_streak: 0,
+            commit_quorum: 0,
             outbox: Outbox::default(),
             telemetry: Default::default(),
         }
@@ -376,6 +389,7 @@ impl Machine {
         m.samples_seen = saved.samples_seen;
         m.epoch_samples = saved.epoch_samples;
         m.last_commit = saved.last_commit;
+        m.commit_quorum = saved.commit_quorum;
         m.data = Self::data_for_epoch(&m.cfg, &m.shards, m.epoch);
         let exact = matches!(m.data, Data::Exact(_));
         if let (true, Some(state)) = (exact, &saved.ledger)
@@ -437,6 +451,7 @@ impl Machine {
                 Data::Resampled { .. } => None,
             },
             last_commit: self.last_commit.clone(),
+            commit_quorum: self.commit_quorum,
         }
     }
 
@@ -451,6 +466,8 @@ impl Machine {
     pub fn checkpoint_state(&self) -> Vec<u8> {
         let mut s = self.snapshot();
         s.last_commit = None;
+        // Workers resumed from the checkpoint start a history of their own.
+        s.commit_quorum = 0;
         // A struct of numbers, strings and vectors always serialises.
         serde_json::to_vec(&s).unwrap_or_default()
     }
@@ -756,6 +773,7 @@ impl Machine {
             Pending {
                 ticket,
                 step: req.step,
+                commit_quorum: req.commit_quorum,
                 epoch: req.epoch,
                 has_data: req.has_data,
                 since: now,
@@ -798,6 +816,7 @@ impl Machine {
             epoch: self.epoch,
             heal_from: String::new(),
             run_state: self.checkpoint_state(),
+            commit_quorum: self.commit_quorum,
         }
     }
 
@@ -844,7 +863,7 @@ impl Machine {
             }
         }
         let steps: BTreeSet<u64> = asked.iter().map(|(_, p)| p.step).collect();
-        if !steps.contains(&self.step) {
+        if !asked.iter().any(|(_, p)| self.up_to_date(p)) {
             let one_behind = self.step > 0 && steps.len() == 1 && steps.contains(&(self.step - 1));
             let undoable = self
                 .last_commit
@@ -857,11 +876,16 @@ impl Machine {
                 self.undo_last_commit();
             } else {
                 let to = steps.iter().next_back().copied().unwrap_or(0);
+                let from = asked.iter().find(|(_, p)| p.step == to).map(|(_, p)| p.commit_quorum).unwrap_or(0);
                 self.event(
                     "step_reset",
-                    json!({"from": self.step, "to": to, "reason": "no live member is at the coordinator's step; adopting the most advanced member's step"}),
+                    json!({"from": self.step, "to": to, "reason": "no live member is at the coordinator's step and history; adopting the most advanced member's"}),
                 );
+                if to < self.step {
+                    self.outbox.rewind_metrics = Some(to);
+                }
                 self.step = to;
+                self.commit_quorum = from;
                 self.last_commit = None;
                 self.outbox.state_changed = true;
             }
@@ -901,12 +925,12 @@ impl Machine {
         let final_state = if action == StepAction::Finish { self.checkpoint_state() } else { Vec::new() };
         let heal_source = asked
             .iter()
-            .find(|(_, p)| p.step == target)
+            .find(|(_, p)| self.up_to_date(p))
             .map(|(m, _)| m.peer_address.clone())
             .unwrap_or_default();
         for (m, p) in &asked {
             self.pending.remove(&m.worker_id);
-            let heal_from = if action == StepAction::Train && p.step != target {
+            let heal_from = if action == StepAction::Train && !self.up_to_date(p) {
                 heal_source.clone()
             } else {
                 String::new()
@@ -918,6 +942,7 @@ impl Machine {
                 epoch: self.epoch,
                 heal_from,
                 run_state: if action == StepAction::Finish { final_state.clone() } else { Vec::new() },
+                commit_quorum: self.commit_quorum,
             };
             self.answers.insert(m.worker_id.clone(), (p.ticket, answer));
         }
@@ -1013,6 +1038,13 @@ impl Machine {
         self.outbox.state_changed = true;
     }
 
+    /// Whether a member asking for a quorum holds the coordinator's state: the same step, and
+    /// the same history (its last step committed under the coordinator's last commit quorum;
+    /// either side 0 means not known).
+    fn up_to_date(&self, p: &Pending) -> bool {
+        p.step == self.step && (self.commit_quorum == 0 || p.commit_quorum == 0 || p.commit_quorum == self.commit_quorum)
+    }
+
     fn undo_last_commit(&mut self) {
         let Some(c) = self.last_commit.take() else {
             return;
@@ -1021,6 +1053,8 @@ impl Machine {
             l.unapply(&c.positions);
         }
         self.step = c.step;
+        self.commit_quorum = c.prev_commit_quorum;
+        self.outbox.rewind_metrics = Some(c.step);
         self.telemetry.samples_going_down(self.samples_seen);
         self.samples_seen = self.samples_seen.saturating_sub(c.samples);
         self.epoch_samples = self.epoch_samples.saturating_sub(c.samples);
@@ -1333,7 +1367,9 @@ impl Machine {
             epoch: round.epoch,
             samples,
             positions: positions.into_iter().collect(),
+            prev_commit_quorum: self.commit_quorum,
         });
+        self.commit_quorum = round.quorum.quorum_id;
         self.step = step + 1;
         self.samples_seen += samples;
         self.epoch_samples += samples;

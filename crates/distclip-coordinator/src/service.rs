@@ -129,6 +129,11 @@ impl Shared {
                     tracing::error!("{e}");
                 }
             }
+            if let Some(step) = out.rewind_metrics
+                && let Err(e) = self.dir.truncate_metrics(step)
+            {
+                tracing::error!("{e}");
+            }
             if let Err(e) = self.dir.append_metrics(&out.metrics) {
                 tracing::error!("{e}");
             }
@@ -417,6 +422,9 @@ impl Coordinator {
                             message,
                         },
                     )?;
+                    // metrics.jsonl is appended before state.json is written: a coordinator
+                    // killed in between left a line for a step that will run again.
+                    dir.truncate_metrics(m.step())?;
                     (m, String::new())
                 }
                 None => (Machine::new(cfg.clone(), toml.clone(), new_run_id(), shards, now), String::new()),

@@ -142,6 +142,7 @@ async fn fake_worker(addr: String, id: String, batch: usize, start_step: u64) ->
                 step,
                 epoch,
                 has_data,
+                commit_quorum: 0,
             })
             .await
             .unwrap()

@@ -279,6 +279,73 @@ impl Collective for Ring<'_> {
     }
 }
 
+/// How long a worker rides out a coordinator it cannot reach (a restart) before it gives up.
+const COORDINATOR_OUTAGE: Duration = Duration::from_secs(120);
+
+/// The step loop's calls to the coordinator, riding out a coordinator restart: a call that
+/// finds it unreachable is retried with backoff, and when the restarted coordinator no longer
+/// knows this worker (NOT_FOUND: it resumed from `state.json` without its members) the worker
+/// joins again with its current step and repeats the call.
+struct Link {
+    client: Client,
+    url: String,
+    join: pb::JoinRequest,
+    rejoined: bool,
+}
+
+impl Link {
+    /// Whether a call joined a restarted coordinator since the last time this was asked.
+    fn take_rejoined(&mut self) -> bool {
+        std::mem::take(&mut self.rejoined)
+    }
+
+    fn call<T, Fut>(
+        &mut self,
+        rt: &tokio::runtime::Runtime,
+        what: &str,
+        step: u64,
+        f: impl Fn(Client) -> Fut,
+    ) -> Result<T, WorkerError>
+    where
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let deadline = Instant::now() + COORDINATOR_OUTAGE;
+        let mut backoff = Duration::from_millis(100);
+        let mut rejoin = false;
+        loop {
+            let result = if rejoin {
+                let req = pb::JoinRequest { step, ..self.join.clone() };
+                rt.block_on(self.client.join(req)).map(|_| {
+                    tracing::info!(step, "joined the restarted coordinator again");
+                    rejoin = false;
+                    self.rejoined = true;
+                })
+            } else {
+                match rt.block_on(f(self.client.clone())) {
+                    Ok(r) => return Ok(r.into_inner()),
+                    Err(s) => Err(s),
+                }
+            };
+            let Err(status) = result else { continue };
+            // UNAVAILABLE: no connection; UNKNOWN: the connection broke mid-call (the
+            // coordinator's service never answers UNKNOWN itself). Every call here is safe to
+            // repeat: a repeated vote gets the decision already made, or a refusal from a
+            // coordinator that restarted.
+            let retry = matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::NotFound);
+            if !retry || Instant::now() >= deadline {
+                let what = if rejoin { "joining again" } else { what };
+                return Err(rpc_err(&self.url, what)(status));
+            }
+            if status.code() == tonic::Code::NotFound {
+                rejoin = true;
+            }
+            tracing::warn!("coordinator {}: {what}: {} ({:?}); retrying in {backoff:?}", self.url, status.message(), status.code());
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+}
+
 fn rpc_err(url: &str, what: &str) -> impl FnOnce(tonic::Status) -> WorkerError {
     let url = url.to_owned();
     let what = what.to_owned();
@@ -335,16 +402,15 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
         format!("{}-{}-{:04x}", hostname(), std::process::id(), rand::random::<u16>())
     });
     let mut client = rt.block_on(connect(&url, opts.token.as_deref()))?;
-    let join = rt
-        .block_on(client.join(pb::JoinRequest {
-            worker_id: worker_id.clone(),
-            peer_address: peer_address.clone(),
-            device: opts.device.clone(),
-            threads: opts.threads.unwrap_or(0) as u32,
-            step: 0,
-        }))
-        .map_err(rpc_err(&url, "join"))?
-        .into_inner();
+    let join_req = pb::JoinRequest {
+        worker_id: worker_id.clone(),
+        peer_address: peer_address.clone(),
+        device: opts.device.clone(),
+        threads: opts.threads.unwrap_or(0) as u32,
+        step: 0,
+    };
+    let join = rt.block_on(client.join(join_req.clone())).map_err(rpc_err(&url, "join"))?.into_inner();
+    let mut link = Link { client: client.clone(), url: url.clone(), join: join_req, rejoined: false };
     let config = RunConfig::from_toml(&join.config_toml, Some("the coordinator's run config"))
         .map_err(|e| WorkerError::Config(e.to_string()))?;
     tracing::info!(worker = %worker_id, run = %join.run_id, "joined; data plane at {peer_address}");
@@ -465,6 +531,9 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
     let mut reports: Vec<pb::ShardReport> = Vec::new();
     let mut group: Option<Group> = None;
     let mut rank = 0usize;
+    // The quorum id under which the last applied step committed: with the step, this
+    // worker's history (QuorumRequest.commit_quorum).
+    let mut commit_quorum = 0u64;
     loop {
         if feed.as_ref().is_none_or(|f| f.epoch != epoch) {
             feed = Some(Feed::start(
@@ -495,24 +564,32 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
         if micro.is_empty() && !reports.is_empty() {
             // The epoch can only end once every shard is reported; with no batch left there is
             // no commit to carry these.
-            rt.block_on(client.lease(pb::LeaseRequest {
-                worker_id: worker_id.clone(),
-                epoch,
-                want: 0,
-                shard_reports: std::mem::take(&mut reports),
-            }))
-            .map_err(rpc_err(&url, "reporting finished shards"))?;
+            let req = pb::LeaseRequest { worker_id: worker_id.clone(), epoch, want: 0, shard_reports: std::mem::take(&mut reports) };
+            link.call(&rt, "reporting finished shards", trainer.step(), |mut c| {
+                let req = req.clone();
+                async move { c.lease(req).await }
+            })?;
         }
         set_state(trainer.step(), "quorum");
-        let q = rt
-            .block_on(client.quorum(pb::QuorumRequest {
-                worker_id: worker_id.clone(),
-                step: trainer.step(),
-                epoch,
-                has_data: !micro.is_empty(),
-            }))
-            .map_err(rpc_err(&url, "quorum"))?
-            .into_inner();
+        let req = pb::QuorumRequest {
+            worker_id: worker_id.clone(),
+            step: trainer.step(),
+            epoch,
+            has_data: !micro.is_empty(),
+            commit_quorum,
+        };
+        let q = link.call(&rt, "quorum", trainer.step(), |mut c| {
+            let req = req.clone();
+            async move { c.quorum(req).await }
+        })?;
+        if link.take_rejoined() {
+            // The restarted coordinator does not know this worker's leases: read from fresh
+            // ones. What was loaded but not committed goes back to the pool (committed
+            // positions are skipped when a shard is leased again).
+            feed = None;
+            micro.clear();
+            reports.clear();
+        }
         match pb::StepAction::try_from(q.action).unwrap_or(pb::StepAction::Unspecified) {
             pb::StepAction::Finish => {
                 final_state = q.run_state;
@@ -559,6 +636,7 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
         if !q.heal_from.is_empty() {
             set_state(trainer.step(), "healing");
             heal(&rt, &mut trainer, &q.heal_from, &comm_opts, q.step)?;
+            commit_quorum = q.commit_quorum;
         }
         if group.as_ref().is_none_or(|g| g.quorum_id() != quorum.quorum_id) {
             group = None;
@@ -602,34 +680,38 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
             Err(e) => (false, e.to_string()),
         };
         let loss = result.as_ref().map(|p| f64::from(p.loss())).unwrap_or(f64::NAN);
-        let commit = rt
-            .block_on(client.commit(pb::CommitRequest {
-                worker_id: worker_id.clone(),
-                quorum_id: quorum.quorum_id,
-                step: q.step,
-                ok,
-                error: error.clone(),
-                non_finite: matches!(result, Err(StepError::NonFinite { .. })),
-                consumed: consumed(&micro),
-                shard_reports: reports.clone(),
-                metrics: Some(pb::StepMetrics {
-                    loss,
-                    lr,
-                    logit_scale,
-                    grad_norm: result.as_ref().map(|p| p.grad_norm()).unwrap_or(f64::NAN),
-                    samples: local_len as u32,
-                    data_s,
-                    compute_s,
-                    comm_s,
-                    step_s: t.elapsed().as_secs_f64() + data_s,
-                    params_checksum: checksum_before,
-                }),
-            }))
-            .map_err(rpc_err(&url, "commit"))?
-            .into_inner();
+        let vote = pb::CommitRequest {
+            worker_id: worker_id.clone(),
+            quorum_id: quorum.quorum_id,
+            step: q.step,
+            ok,
+            error: error.clone(),
+            non_finite: matches!(result, Err(StepError::NonFinite { .. })),
+            consumed: consumed(&micro),
+            shard_reports: reports.clone(),
+            metrics: Some(pb::StepMetrics {
+                loss,
+                lr,
+                logit_scale,
+                grad_norm: result.as_ref().map(|p| p.grad_norm()).unwrap_or(f64::NAN),
+                samples: local_len as u32,
+                data_s,
+                compute_s,
+                comm_s,
+                step_s: t.elapsed().as_secs_f64() + data_s,
+                params_checksum: checksum_before,
+            }),
+        };
+        // After a coordinator restart the vote finds no open round and is refused: the step is
+        // dropped and run again under the new quorum, like any failed step.
+        let commit = link.call(&rt, "commit", trainer.step(), |mut c| {
+            let vote = vote.clone();
+            async move { c.commit(vote).await }
+        })?;
         match result {
             Ok(pending) if commit.commit => {
                 let stats = trainer.apply(pending).map_err(|e| WorkerError::Setup(e.to_string()))?;
+                commit_quorum = quorum.quorum_id;
                 if rank == 0 && stats.step % config.log.every_steps.max(1) == 0 {
                     tracing::info!(
                         step = stats.step + 1,

@@ -54,6 +54,7 @@ fn ask(m: &mut Machine, id: &str, step: u64, epoch: u64, has_data: bool, now: In
             step,
             epoch,
             has_data,
+            commit_quorum: 0,
         },
         now,
     )
@@ -843,4 +844,66 @@ fn non_finite_steps_are_dropped_and_too_many_in_a_row_fail_the_run() {
         other => panic!("run not failed: {other:?}"),
     }
     assert_eq!(m.step(), 1);
+}
+
+/// `ask` with the history a worker reports: the quorum id its last applied step committed in.
+fn ask_with_history(m: &mut Machine, id: &str, step: u64, commit_quorum: u64, now: Instant) -> u64 {
+    let req = QuorumRequest { worker_id: id.into(), step, epoch: 0, has_data: true, commit_quorum };
+    m.request_quorum(&req, now).unwrap()
+}
+
+/// The coordinator persisted step 0's commit and died before "b" and "c" heard of it; only
+/// "a" applied it. "b" and "c" come back first, so the commit is taken back and step 0 runs
+/// again with another batch. When "a" comes back at step 1 it is at the coordinator's step but
+/// on the abandoned history: it must heal, not train on as if it agreed.
+#[test]
+fn a_worker_on_a_taken_back_commit_heals_even_at_the_same_step() {
+    let t = Instant::now();
+    let mut m = Machine::new(cfg(), String::new(), "run-test".into(), shards(4), t);
+    for id in ["a", "b"] {
+        join(&mut m, id, 0, t);
+    }
+    let (ta, tb) = (ask_with_history(&mut m, "a", 0, 0, t), ask_with_history(&mut m, "b", 0, 0, t));
+    let q = answer(&m, "a", ta);
+    answer(&m, "b", tb);
+    lease(&mut m, "a", 1, t);
+    vote(&mut m, "a", &q, &[(0, &[0])], vec![], t);
+    assert!(vote(&mut m, "b", &q, &[], vec![], t).unwrap().commit);
+    let first_commit = q.quorum.as_ref().unwrap().quorum_id;
+    let saved = m.snapshot();
+    assert_eq!(saved.commit_quorum, first_commit);
+
+    // Restart. "b" and "c" (say "b" restarted as "c" too) are at step 0 with no commit.
+    let t2 = ms(t, 1000);
+    let mut r = Machine::resume(cfg(), String::new(), shards(4), saved, t2).unwrap();
+    r.take_outbox();
+    join(&mut r, "b", 0, t2);
+    join(&mut r, "c", 0, t2);
+    let (tb, tc) = (ask_with_history(&mut r, "b", 0, 0, t2), ask_with_history(&mut r, "c", 0, 0, t2));
+    let redo = answer(&r, "b", tb);
+    answer(&r, "c", tc);
+    assert_eq!(redo.step, 0, "the unapplied commit is taken back");
+    let out = r.take_outbox();
+    assert!(out.events.iter().any(|e| e.kind == "commit_undone"));
+    assert_eq!(out.rewind_metrics, Some(0), "its metrics line goes too");
+    // Step 0 again, with another sample, under a new quorum.
+    lease(&mut r, "b", 1, t2);
+    vote(&mut r, "b", &redo, &[(0, &[1])], vec![], t2);
+    assert!(vote(&mut r, "c", &redo, &[], vec![], t2).unwrap().commit);
+    let second_commit = redo.quorum.as_ref().unwrap().quorum_id;
+    assert_ne!(second_commit, first_commit);
+
+    // "a" returns at step 1 from the first history; "b" and "c" are at step 1 from the second.
+    join(&mut r, "a", 1, t2);
+    let tickets = [
+        ask_with_history(&mut r, "b", 1, second_commit, t2),
+        ask_with_history(&mut r, "c", 1, second_commit, t2),
+        ask_with_history(&mut r, "a", 1, first_commit, t2),
+    ];
+    let answers: Vec<QuorumResponse> =
+        ["b", "c", "a"].iter().zip(tickets).map(|(id, t)| answer(&r, id, t)).collect();
+    assert!(answers.iter().all(|a| a.step == 1 && a.commit_quorum == second_commit), "{answers:?}");
+    assert_eq!(answers[0].heal_from, "", "b is up to date");
+    assert_eq!(answers[1].heal_from, "", "c is up to date");
+    assert_eq!(answers[2].heal_from, "b:1", "a heals from an up-to-date member");
 }
