@@ -54,11 +54,20 @@ enum Command {
     Demo(commands::demo::Args),
 }
 
+/// Set to `1` to colour human-readable logs even when stderr is not a terminal.
+pub const LOG_COLOUR_ENV: &str = "DISTCLIP_LOG_COLOR";
+
 fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only for a person at a terminal: a log file or a collector gets plain text.
+    // `launch` pipes its children's logs to its own stderr and sets DISTCLIP_LOG_COLOR=1 when
+    // that is a terminal.
+    use std::io::IsTerminal;
+    let colour = std::io::stderr().is_terminal() || std::env::var_os(LOG_COLOUR_ENV).is_some_and(|v| v == "1");
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();

@@ -182,6 +182,9 @@ fn still_running(p: &mut Proc) -> bool {
 /// Spawn with piped output forwarded line by line, prefixed with the process name.
 fn spawn(name: &str, mut cmd: Command) -> anyhow::Result<Proc> {
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        cmd.env(crate::LOG_COLOUR_ENV, "1");
+    }
     let mut child = cmd.spawn().with_context(|| format!("starting {name}: {cmd:?}"))?;
     if let Some(out) = child.stdout.take() {
         forward(name, out);
