@@ -149,7 +149,28 @@ impl Cluster {
     }
 }
 
-fn last_json(child: Child, what: &str, log: &Path) -> Value {
+impl Drop for Cluster {
+    /// A failed assertion must not leave processes behind.
+    fn drop(&mut self) {
+        let children = self.coordinator.iter_mut().chain(self.workers.iter_mut().filter_map(|w| w.as_mut().map(|w| &mut w.1)));
+        for child in children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Wait for `child` to exit (at most 300 s) and parse its last stdout line.
+fn last_json(mut child: Child, what: &str, log: &Path) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let tail = std::fs::read_to_string(log).unwrap_or_default();
+            panic!("{what} did not finish within 300 s; its log:\n{tail}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let tail = std::fs::read_to_string(log).unwrap_or_default();
@@ -186,6 +207,7 @@ fn a_run_survives_worker_kills_and_a_coordinator_restart_exactly_once() {
 
     let coordinator = cluster.coordinator.take().unwrap();
     let outcome = last_json(coordinator, "the coordinator", &cluster.run.with_extension("coordinator.log"));
+    // The workers leave once the run is finished.
     assert_eq!(outcome["state"], "finished", "{outcome}");
     let mut checksums = Vec::new();
     for (id, child) in cluster.workers.iter_mut().filter_map(Option::take) {

@@ -1086,6 +1086,18 @@ impl Machine {
         }
         let spw = self.cfg.shards_per_worker;
         let (seed, epoch) = (self.cfg.seed, self.epoch);
+        if req.fresh
+            && let Data::Exact(l) = &mut self.data
+        {
+            let released = l.release(&req.worker_id);
+            if !released.is_empty() {
+                self.outbox.state_changed = true;
+                self.event(
+                    "leases_released",
+                    json!({"worker": req.worker_id, "released_shards": released, "reason": "the worker restarted its data feed"}),
+                );
+            }
+        }
         match &mut self.data {
             Data::Exact(l) => {
                 let (leases, exhausted) = l.lease(&req.worker_id, req.want, spw);

@@ -121,6 +121,7 @@ async fn fake_worker(addr: String, id: String, batch: usize, start_step: u64) ->
                     epoch,
                     want: 2 - reading,
                     shard_reports: vec![],
+                    fresh: false,
                 })
                 .await
                 .unwrap()

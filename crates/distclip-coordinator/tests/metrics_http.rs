@@ -85,7 +85,7 @@ async fn metrics_show_members_and_a_committed_step() {
 
     // One step of three samples from shard 0, which holds four (one of them bad).
     let leases = c
-        .lease(LeaseRequest { worker_id: "w0".into(), epoch: 0, want: 1, shard_reports: vec![] })
+        .lease(LeaseRequest { worker_id: "w0".into(), epoch: 0, want: 1, shard_reports: vec![], fresh: false })
         .await
         .unwrap()
         .into_inner()

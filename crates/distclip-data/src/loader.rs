@@ -127,6 +127,8 @@ pub struct ShardSummary {
     /// Indices this task skipped as bad samples (decode errors, missing captions, ...), in
     /// ascending order. Indices excluded by the task's `start` and `skip` are not listed.
     pub skipped: Vec<u64>,
+    /// `skipped` counted by reason ([`SkipReason::name`]); the counts sum to its length.
+    pub skipped_by_reason: BTreeMap<String, u64>,
     /// Why the shard ended early (could not be opened, or broke after the retries); `None`
     /// when it was read to its end.
     pub failed: Option<String>,
@@ -617,6 +619,7 @@ struct Progress {
     /// Of those, decoded and sent, or skipped.
     done: u64,
     skipped: Vec<u64>,
+    skipped_by_reason: BTreeMap<String, u64>,
     /// Set when the reader reached the end: (groups seen, failure).
     end: Option<(u64, Option<String>)>,
 }
@@ -640,6 +643,7 @@ impl Tracker {
                 read: 0,
                 done: 0,
                 skipped: Vec::new(),
+                skipped_by_reason: BTreeMap::new(),
                 end: None,
             },
         );
@@ -668,6 +672,7 @@ impl Tracker {
                     shard: p.shard,
                     samples,
                     skipped,
+                    skipped_by_reason: p.skipped_by_reason,
                     failed,
                 };
                 if tx.send(Msg::Finished(summary)).is_err() {
@@ -727,13 +732,16 @@ impl Worker {
                         .get(sample.pos.shard)
                         .map_or("", |s| s.url.as_str());
                     counters.skip(skip.reason, url, &sample.key, &skip.detail);
-                    Some(sample.pos.index)
+                    Some((sample.pos.index, skip.reason))
                 }
             };
             let mut t = tracker.borrow_mut();
             if let Some(p) = t.progress(open_id) {
                 p.done += 1;
-                p.skipped.extend(skipped);
+                if let Some((index, reason)) = skipped {
+                    p.skipped.push(index);
+                    *p.skipped_by_reason.entry(reason.name().to_owned()).or_insert(0) += 1;
+                }
             }
             if !t.flush(&tx) {
                 return;
@@ -1213,6 +1221,7 @@ mod tests {
         let summary = |shard, skipped: Vec<u64>| ShardSummary {
             shard,
             samples: 8,
+            skipped_by_reason: [("zero_byte_member".to_owned(), skipped.len() as u64)].into(),
             skipped,
             failed: None,
         };

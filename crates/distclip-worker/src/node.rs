@@ -210,10 +210,14 @@ fn relay(
     stop: Arc<AtomicBool>,
 ) {
     let mut backoff = Duration::from_millis(50);
+    // Until the first answer, ask the coordinator to take back what it thinks this worker
+    // holds: an earlier feed of this worker may have been dropped with shards half read.
+    let mut fresh = true;
     while !stop.load(Ordering::SeqCst) {
-        let req = pb::LeaseRequest { worker_id: worker_id.clone(), epoch, want: 1, shard_reports: vec![] };
+        let req = pb::LeaseRequest { worker_id: worker_id.clone(), epoch, want: 1, shard_reports: vec![], fresh };
         match handle.block_on(client.lease(req)) {
             Ok(resp) => {
+                fresh = false;
                 let resp = resp.into_inner();
                 if resp.leases.is_empty() {
                     if resp.exhausted {
@@ -375,7 +379,7 @@ fn report(epoch: u64, s: &ShardSummary) -> pb::ShardReport {
         epoch,
         samples: s.samples,
         skipped: s.skipped.clone(),
-        skipped_by_reason: Default::default(),
+        skipped_by_reason: s.skipped_by_reason.iter().map(|(k, v)| (k.clone(), *v)).collect(),
         failed: s.failed.clone().unwrap_or_default(),
     }
 }
@@ -564,7 +568,7 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
         if micro.is_empty() && !reports.is_empty() {
             // The epoch can only end once every shard is reported; with no batch left there is
             // no commit to carry these.
-            let req = pb::LeaseRequest { worker_id: worker_id.clone(), epoch, want: 0, shard_reports: std::mem::take(&mut reports) };
+            let req = pb::LeaseRequest { worker_id: worker_id.clone(), epoch, want: 0, shard_reports: std::mem::take(&mut reports), fresh: false };
             link.call(&rt, "reporting finished shards", trainer.step(), |mut c| {
                 let req = req.clone();
                 async move { c.lease(req).await }
@@ -596,10 +600,14 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
                 break;
             }
             pb::StepAction::NextEpoch => {
-                tracing::info!("epoch {epoch} complete; starting epoch {}", q.epoch);
-                epoch = q.epoch;
-                feed = None;
-                micro.clear();
+                // Sent to every member when one of them is behind; a worker already on the
+                // new epoch keeps its feed and what it has loaded.
+                if q.epoch != epoch {
+                    tracing::info!("epoch {epoch} complete; starting epoch {}", q.epoch);
+                    epoch = q.epoch;
+                    feed = None;
+                    micro.clear();
+                }
                 continue;
             }
             pb::StepAction::Wait => {

@@ -211,7 +211,7 @@ mod tests {
         join(&mut m, "a", t);
         join(&mut m, "b", t);
         for id in ["a", "b"] {
-            let req = LeaseRequest { worker_id: id.into(), epoch: 0, want: 1, shard_reports: vec![] };
+            let req = LeaseRequest { worker_id: id.into(), epoch: 0, want: 1, shard_reports: vec![], fresh: false };
             m.lease(&req, t).unwrap();
         }
         // A failed vote is a dropped step.

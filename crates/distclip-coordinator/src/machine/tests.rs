@@ -85,6 +85,7 @@ fn lease(m: &mut Machine, id: &str, want: u32, now: Instant) -> Vec<ShardLease> 
             epoch,
             want,
             shard_reports: vec![],
+            fresh: false,
         },
         now,
     )
@@ -484,6 +485,7 @@ fn wait_then_epoch_end_then_next_epoch_then_finish() {
                 epoch: 0,
                 want: 1,
                 shard_reports: vec![],
+                fresh: false,
             },
             t,
         )
@@ -906,4 +908,29 @@ fn a_worker_on_a_taken_back_commit_heals_even_at_the_same_step() {
     assert_eq!(answers[0].heal_from, "", "b is up to date");
     assert_eq!(answers[1].heal_from, "", "c is up to date");
     assert_eq!(answers[2].heal_from, "b:1", "a heals from an up-to-date member");
+}
+
+/// A worker that restarts its data feed asks for a fresh lease: the shards the coordinator
+/// still counts as its own go back to the pool (committed positions kept) instead of holding
+/// the lease cap forever.
+#[test]
+fn a_fresh_lease_request_returns_the_workers_old_leases() {
+    let (mut m, t, q) = two_training(2);
+    let held = lease(&mut m, "a", 2, t);
+    assert_eq!(held.len(), 2);
+    vote(&mut m, "a", &q, &[(held[0].shard, &[0, 1])], vec![], t);
+    assert!(vote(&mut m, "b", &q, &[], vec![], t).unwrap().commit);
+    m.take_outbox();
+    // At the cap (2 shards per worker), a plain request gets nothing ...
+    assert!(lease(&mut m, "a", 1, t).is_empty());
+    // ... a fresh one releases both and leases again, skipping what was committed.
+    let req = LeaseRequest { worker_id: "a".into(), epoch: 0, want: 2, shard_reports: vec![], fresh: true };
+    let again = m.lease(&req, t).unwrap().leases;
+    assert_eq!(again.len(), 2);
+    let first = again.iter().find(|l| l.shard == held[0].shard).unwrap();
+    assert_eq!((first.skip[0].start, first.skip[0].end), (0, 2));
+    let events = m.take_outbox().events;
+    let released: Vec<&Event> = events.iter().filter(|e| e.kind == "leases_released").collect();
+    assert_eq!(released.len(), 1, "{events:?}");
+    assert_eq!(released[0].fields["released_shards"].as_array().unwrap().len(), 2);
 }
