@@ -53,6 +53,15 @@ pub struct Group {
     peers: Vec<String>,
     opts: CommOptions,
     links: tokio::sync::Mutex<Links>,
+    /// Set by [`Group::abort`]: why the group's collectives stop now.
+    abort: tokio::sync::watch::Sender<Option<String>>,
+}
+
+/// How a bounded wait of a collective ended.
+enum Bounded<T> {
+    Done(T),
+    TimedOut,
+    Aborted(String),
 }
 
 struct Links {
@@ -126,7 +135,37 @@ impl Group {
                 }
             }
         }
-        Ok(Group { quorum_id: spec.quorum_id, rank: spec.rank, peers: spec.peers, opts, links: tokio::sync::Mutex::new(links) })
+        Ok(Group {
+            quorum_id: spec.quorum_id,
+            rank: spec.rank,
+            peers: spec.peers,
+            opts,
+            links: tokio::sync::Mutex::new(links),
+            abort: tokio::sync::watch::Sender::new(None),
+        })
+    }
+
+    /// Stop the group from another task: the collective running now, and every later one,
+    /// fails with [`CommError::Broken`] naming `cause`. For a peer that went silent without
+    /// closing its connection (a cut link), which would otherwise hold the others until the
+    /// timeout; the coordinator tells the workers when it gave up on the quorum.
+    pub fn abort(&self, cause: &str) {
+        self.abort.send_replace(Some(cause.to_owned()));
+    }
+
+    /// Await `fut` within the group's timeout, unless the group is aborted first.
+    async fn bounded<F: std::future::Future>(&self, fut: F) -> Bounded<F::Output> {
+        let mut aborted = self.abort.subscribe();
+        if let Some(cause) = aborted.borrow_and_update().clone() {
+            return Bounded::Aborted(cause);
+        }
+        tokio::select! {
+            r = timeout(self.opts.timeout, fut) => match r {
+                Ok(v) => Bounded::Done(v),
+                Err(_) => Bounded::TimedOut,
+            },
+            _ = aborted.changed() => Bounded::Aborted(aborted.borrow().clone().unwrap_or_default()),
+        }
     }
 
     /// This worker's rank.
@@ -226,10 +265,11 @@ impl Group {
     }
 
     async fn send(&self, tx: &mut Tx, op: &Op, h: Header, payload: &[u8]) -> Result<(), CommError> {
-        match timeout(self.opts.timeout, tx.send(h, payload)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(detail)) => Err(CommError::Connection { op: op.name.clone(), peer: self.right(), detail }),
-            Err(_) => Err(CommError::Timeout {
+        match self.bounded(tx.send(h, payload)).await {
+            Bounded::Done(Ok(())) => Ok(()),
+            Bounded::Done(Err(detail)) => Err(CommError::Connection { op: op.name.clone(), peer: self.right(), detail }),
+            Bounded::Aborted(cause) => Err(CommError::Broken { quorum_id: self.quorum_id, cause }),
+            Bounded::TimedOut => Err(CommError::Timeout {
                 op: op.name.clone(),
                 peer: self.right(),
                 what: format!("taking step {} piece {}", h.step, h.piece),
@@ -241,9 +281,10 @@ impl Group {
     /// The next header from the left neighbour, checked against what this op expects.
     async fn recv_header(&self, rx: &mut Rx, op: &Op, kind: FrameKind, dtype: DType, step: u32, piece: u32) -> Result<Header, CommError> {
         let what = || format!("step {step} piece {piece}");
-        let h = match timeout(self.opts.timeout, rx.header(self.opts.max_chunk_bytes)).await {
-            Ok(Ok(h)) => h,
-            Ok(Err(detail)) => {
+        let h = match self.bounded(rx.header(self.opts.max_chunk_bytes)).await {
+            Bounded::Done(Ok(h)) => h,
+            Bounded::Aborted(cause) => return Err(CommError::Broken { quorum_id: self.quorum_id, cause }),
+            Bounded::Done(Err(detail)) => {
                 return Err(if detail.starts_with("the peer aborted") {
                     CommError::Refused { op: op.name.clone(), peer: self.left(), detail }
                 } else if detail.contains("exceeds the limit") || detail.contains("unknown") || detail.contains("magic") {
@@ -252,7 +293,7 @@ impl Group {
                     CommError::Connection { op: op.name.clone(), peer: self.left(), detail }
                 });
             }
-            Err(_) => {
+            Bounded::TimedOut => {
                 return Err(CommError::Timeout { op: op.name.clone(), peer: self.left(), what: what(), timeout: self.opts.timeout });
             }
         };
@@ -280,10 +321,11 @@ impl Group {
     }
 
     async fn recv_payload(&self, rx: &mut Rx, op: &Op, dst: &mut [u8]) -> Result<(), CommError> {
-        match timeout(self.opts.timeout, rx.payload(dst)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(detail)) => Err(CommError::Connection { op: op.name.clone(), peer: self.left(), detail }),
-            Err(_) => Err(CommError::Timeout {
+        match self.bounded(rx.payload(dst)).await {
+            Bounded::Done(Ok(())) => Ok(()),
+            Bounded::Done(Err(detail)) => Err(CommError::Connection { op: op.name.clone(), peer: self.left(), detail }),
+            Bounded::Aborted(cause) => Err(CommError::Broken { quorum_id: self.quorum_id, cause }),
+            Bounded::TimedOut => Err(CommError::Timeout {
                 op: op.name.clone(),
                 peer: self.left(),
                 what: "the rest of a frame".into(),

@@ -302,3 +302,27 @@ async fn tcp_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
     let (a, b) = tokio::join!(tokio::net::TcpStream::connect(l.local_addr().unwrap()), l.accept());
     (a.unwrap(), b.unwrap().0)
 }
+
+/// A peer that stays connected but silent (a cut link) holds a collective until the timeout;
+/// `Group::abort` from another task ends it at once, and the group stays broken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_ends_a_collective_waiting_on_a_silent_peer() {
+    let o = CommOptions { timeout: Duration::from_secs(30), ..opts(Transport::Tcp) };
+    let srv = servers(2, &o).await;
+    let groups: Vec<Arc<Group>> = ring(&srv, 1).await.into_iter().map(Arc::new).collect();
+    // Rank 1 never joins the collective; rank 0 waits for its frames.
+    let waiting = groups[0].clone();
+    let t = Instant::now();
+    let run = tokio::spawn(async move {
+        let mut buf = input(0, 103);
+        waiting.all_reduce_sum(&mut buf).await
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!run.is_finished(), "the collective ended without its peer");
+    groups[0].abort("quorum 1 abandoned by the coordinator");
+    let err = run.await.unwrap().unwrap_err();
+    assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
+    assert!(matches!(&err, CommError::Broken { quorum_id: 1, cause } if cause.contains("abandoned")), "{err}");
+    let err = groups[0].all_gather(&[1.0]).await.unwrap_err();
+    assert!(matches!(err, CommError::Broken { quorum_id: 1, .. }), "{err}");
+}

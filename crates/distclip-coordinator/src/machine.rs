@@ -307,6 +307,8 @@ pub struct Machine {
     non_finite_streak: u32,
     /// The quorum id under which the last step committed (0: unknown).
     commit_quorum: u64,
+    /// The newest quorum whose step was dropped (0: none), for heartbeat answers.
+    abandoned_quorum: u64,
     outbox: Outbox,
     telemetry: telemetry::Telemetry,
 }
@@ -355,6 +357,7 @@ impl Machine {
             checkpoints: CheckpointPlan::default(),
             non_finite_streak: 0,
             commit_quorum: 0,
+            abandoned_quorum: 0,
             outbox: Outbox::default(),
             telemetry: Default::default(),
         }
@@ -615,6 +618,7 @@ impl Machine {
             known: self
                 .members
                 .heartbeat(&req.worker_id, req.step, &req.state, now),
+            abandoned_quorum: self.abandoned_quorum,
         }
     }
 
@@ -1289,6 +1293,7 @@ impl Machine {
             },
         };
         if !response.commit {
+            self.abandoned_quorum = self.abandoned_quorum.max(key.0);
             self.telemetry.step_dropped();
             // The retry of this step gets a new quorum id even with the same members, so its
             // vote (and any data-plane message) is never confused with the failed attempt's.

@@ -419,11 +419,15 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
         .map_err(|e| WorkerError::Config(e.to_string()))?;
     tracing::info!(worker = %worker_id, run = %join.run_id, "joined; data plane at {peer_address}");
 
-    // Heartbeats run beside the step loop, so a long step never looks like a death.
+    // Heartbeats run beside the step loop, so a long step never looks like a death. Their
+    // answers also say when the coordinator dropped a quorum's step: a collective of that
+    // quorum still running here is stopped (its silent peer may never answer).
     let beat = Arc::new(Mutex::new((0u64, String::from("starting"))));
+    let current_group: Arc<Mutex<Option<Arc<Group>>>> = Arc::new(Mutex::new(None));
     {
         let mut client = client.clone();
         let beat = beat.clone();
+        let current_group = current_group.clone();
         let worker_id = worker_id.clone();
         let every = Duration::from_millis(join.heartbeat_interval_ms.max(50));
         rt.spawn(async move {
@@ -433,7 +437,13 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
                 let (step, state) = beat.lock().map(|g| g.clone()).unwrap_or_default();
                 match client.heartbeat(pb::HeartbeatRequest { worker_id: worker_id.clone(), step, state }).await {
                     Ok(r) if !r.get_ref().known => tracing::warn!("the coordinator no longer knows this worker"),
-                    Ok(_) => {}
+                    Ok(r) => {
+                        let abandoned = r.get_ref().abandoned_quorum;
+                        let group = current_group.lock().ok().and_then(|g| g.clone());
+                        if let Some(g) = group.filter(|g| g.quorum_id() == abandoned) {
+                            g.abort(&format!("the coordinator dropped the step of quorum {abandoned} (a member died or failed)"));
+                        }
+                    }
                     Err(s) => tracing::warn!("heartbeat failed: {}", s.message()),
                 }
             }
@@ -533,7 +543,7 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
     let mut last_eval: Option<u64> = None;
     let mut data_s = 0.0;
     let mut reports: Vec<pb::ShardReport> = Vec::new();
-    let mut group: Option<Group> = None;
+    let mut group: Option<Arc<Group>> = None;
     let mut rank = 0usize;
     // The quorum id under which the last applied step committed: with the step, this
     // worker's history (QuorumRequest.commit_quorum).
@@ -657,9 +667,12 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
                 peers: quorum.members.iter().map(|m| m.peer_address.clone()).collect(),
             };
             match rt.block_on(Group::connect(&server, spec)) {
-                Ok(g) => group = Some(g),
+                Ok(g) => group = Some(Arc::new(g)),
                 Err(e) => tracing::warn!("could not build the ring for quorum {}: {e}", quorum.quorum_id),
             }
+        }
+        if let Ok(mut current) = current_group.lock() {
+            *current = group.clone();
         }
         set_state(trainer.step(), "training");
         let t = Instant::now();
@@ -675,7 +688,7 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
         let mut comm_s = 0.0;
         let result = match &group {
             Some(g) => {
-                let mut ring = Ring { group: g, handle: &handle, comm_s: 0.0 };
+                let mut ring = Ring { group: g.as_ref(), handle: &handle, comm_s: 0.0 };
                 let r = trainer.forward_backward_accum(&locals, &mut ring);
                 comm_s = ring.comm_s;
                 r

@@ -405,6 +405,9 @@ fn a_failed_vote_changes_nothing() {
     );
     assert_eq!(m.step(), 0);
     assert_eq!(m.ledger().unwrap().shard(0).unwrap().committed.len(), 0);
+    // Heartbeats now name the dropped quorum, so a rank still in its collectives stops them.
+    let beat = HeartbeatRequest { worker_id: "a".into(), step: 0, state: "training".into() };
+    assert_eq!(m.heartbeat(&beat, t).abandoned_quorum, 1);
     // The same decision for a retried vote.
     assert_eq!(vote(&mut m, "a", &q, &[(0, &[0])], vec![], t).unwrap(), d);
     // The retry of step 0 runs under a new quorum id, and can commit.
