@@ -21,6 +21,8 @@ pub use error::{CommError, PeerId};
 pub use group::{Group, GroupSpec, block_range};
 pub use server::PeerServer;
 pub use state::fetch_state;
+#[doc(hidden)]
+pub use wire::parse_untrusted;
 
 use std::time::Duration;
 

@@ -307,7 +307,7 @@ async fn data_channel(mut sock: TcpStream, inner: &Inner) {
         return;
     }
     if let Ok(key) = verdict {
-        inner.deliver(key, Rx::Tcp(sock));
+        inner.deliver(key, Rx::Tcp(Box::new(sock)));
     }
 }
 

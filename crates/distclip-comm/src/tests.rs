@@ -283,7 +283,7 @@ async fn garbage_and_oversized_frames_do_not_hurt_the_server() {
     let (mut w, r) = tcp_pair().await;
     let big = crate::wire::Header { kind: distclip_proto::v1::FrameKind::Data, len: 1 << 40, ..hello };
     w.write_all(&big.encode()).await.unwrap();
-    let mut rx = crate::wire::Rx::Tcp(r);
+    let mut rx = crate::wire::Rx::Tcp(Box::new(r));
     assert!(rx.header(1 << 16).await.unwrap_err().contains("exceeds the limit"));
     // The servers still work.
     let groups = ring(&srv, 2).await;

@@ -154,7 +154,9 @@ impl Tx {
 
 /// The receiving end of a data channel (from the left neighbour).
 pub(crate) enum Rx {
-    Tcp(TcpStream),
+    /// A TCP data channel; any byte stream, so that untrusted bytes can be replayed through the
+    /// very same parsing ([`parse_untrusted`]).
+    Tcp(Box<dyn tokio::io::AsyncRead + Send + Unpin>),
     Grpc {
         // Boxed: the gRPC stream is far larger than a TcpStream.
         stream: Box<tonic::Streaming<TensorChunk>>,
@@ -213,6 +215,39 @@ impl Rx {
     }
 }
 
+/// Parse untrusted `bytes` every way the data plane parses what a peer sends: as a TCP data
+/// channel (frame after frame: header, its checks, payload, until the bytes run out or a frame
+/// is refused) and as one gRPC `TensorChunk`. Returns the frames the channel accepted. The
+/// entry point of the fuzz target `fuzz/fuzz_targets/frames.rs` and of a randomised unit
+/// test: whatever the bytes, it must not panic, allocate more than `max_len` per frame, or
+/// read without consuming.
+#[doc(hidden)]
+pub fn parse_untrusted(bytes: &[u8], max_len: usize) -> usize {
+    use prost::Message;
+    if let Ok(chunk) = TensorChunk::decode(bytes)
+        && let Ok(h) = Header::from_chunk(&chunk)
+    {
+        // What Rx::header does with a chunk's header.
+        let _ = h.len <= max_len as u64;
+    }
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread().build() else {
+        return 0;
+    };
+    rt.block_on(async {
+        let mut rx = Rx::Tcp(Box::new(std::io::Cursor::new(bytes.to_vec())));
+        let mut frames = 0;
+        while let Ok(h) = rx.header(max_len).await {
+            // Rx::header refused anything longer than max_len.
+            let mut payload = vec![0u8; h.len as usize];
+            if rx.payload(&mut payload).await.is_err() {
+                break;
+            }
+            frames += 1;
+        }
+        frames
+    })
+}
+
 fn closed_or(e: std::io::Error, what: &str) -> String {
     if e.kind() == std::io::ErrorKind::UnexpectedEof {
         "connection closed by the peer".into()
@@ -247,5 +282,58 @@ mod tests {
         let mut bad = h.encode();
         bad[5] = 99;
         assert!(Header::decode(&bad).unwrap_err().contains("dtype"));
+    }
+
+    fn frame(kind: FrameKind, payload: &[u8]) -> Vec<u8> {
+        let h = Header { kind, dtype: DType::U8, quorum_id: 1, op_seq: 1, step: 0, piece: 0, len: payload.len() as u64, aux: 0 };
+        let mut out = h.encode().to_vec();
+        out.extend_from_slice(payload);
+        out
+    }
+
+    /// A valid channel's bytes, then seeded corruptions of them (flipped bytes, cuts, huge
+    /// lengths, noise): [`parse_untrusted`] accepts the valid frames and refuses the rest
+    /// without a panic. The fuzz target (fuzz/) drives the same function with generated input.
+    #[test]
+    fn untrusted_frames_are_accepted_or_refused_never_a_panic() {
+        let mut stream = frame(FrameKind::Data, &[1, 2, 3]);
+        stream.extend(frame(FrameKind::Data, &[]));
+        stream.extend(frame(FrameKind::Length, &[9; 100]));
+        assert_eq!(parse_untrusted(&stream, 1 << 16), 3);
+        // An abort frame ends the channel (its payload is the peer's message).
+        let mut aborted = frame(FrameKind::Data, &[1]);
+        aborted.extend(frame(FrameKind::Abort, b"bye"));
+        aborted.extend(frame(FrameKind::Data, &[2]));
+        assert_eq!(parse_untrusted(&aborted, 1 << 16), 1);
+        // Over the limit: refused before its payload is allocated or read.
+        assert_eq!(parse_untrusted(&frame(FrameKind::Data, &[0; 64]), 63), 0);
+
+        let mut state = 7u64;
+        let mut next = move || {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        };
+        let mut accepted = [0usize; 4];
+        for i in 0..4000 {
+            let mut b = stream.clone();
+            match i % 4 {
+                0 => {
+                    let at = next() as usize % b.len();
+                    b[at] ^= (next() as u8) | 1;
+                }
+                1 => b.truncate(next() as usize % b.len()),
+                // The length field of the first frame: anything from 0 to u64::MAX.
+                2 => b[32..40].copy_from_slice(&(next() >> (next() % 64)).to_le_bytes()),
+                _ => b = (0..next() % 300).map(|_| next() as u8).collect(),
+            }
+            let n = parse_untrusted(&b, 1 << 16);
+            assert!(n <= 3, "case {i}: {n} frames from a corrupted 3-frame stream");
+            accepted[i % 4] += n;
+        }
+        // The corruptions are not all fatal: some streams keep frames, so the loop ran.
+        assert!(accepted[0] > 0 && accepted[1] > 0, "{accepted:?}");
     }
 }
