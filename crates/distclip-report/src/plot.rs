@@ -94,7 +94,7 @@ fn render(chart: &LineChart, buf: &mut [u8]) -> Result<(), String> {
         let mut first = true;
         for seg in segments(&s.points) {
             let drawn = if s.dashed {
-                c.draw_series(DashedLineSeries::new(seg.into_iter(), 8, 6, style))
+                c.draw_series(DashedLineSeries::new(seg, 8, 6, style))
             } else {
                 // A lone point between gaps would be invisible as a line: mark it.
                 let size = if s.markers || seg.len() == 1 { 3 } else { 0 };
@@ -102,9 +102,13 @@ fn render(chart: &LineChart, buf: &mut [u8]) -> Result<(), String> {
             }
             .map_err(e)?;
             if first && !s.label.is_empty() {
-                drawn
-                    .label(s.label.as_str())
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(2)));
+                // The legend's mark looks like the line: two dashes for a dashed series.
+                let dashed = s.dashed;
+                let (gap0, gap1) = if dashed { (9, 15) } else { (12, 12) };
+                drawn.label(s.label.as_str()).legend(move |(x, y)| {
+                    let piece = |a, b| PathElement::new(vec![(a, 0), (b, 0)], color.stroke_width(2));
+                    EmptyElement::at((x, y)) + piece(0, gap0) + piece(gap1, 24)
+                });
                 labelled = true;
             }
             first = false;

@@ -210,8 +210,11 @@ fn parse_metrics(path: &Path, text: &str) -> Result<Metrics, ReportError> {
     Ok((steps.into_values().collect(), superseded, evals.into_values().collect()))
 }
 
-/// The non-blank lines of a JSON-lines file as objects, with their 1-based line numbers.
-fn json_objects(path: &Path, text: &str) -> Result<Vec<(Map<String, Value>, usize)>, ReportError> {
+/// A JSON-lines object and its 1-based line number.
+type Line = (Map<String, Value>, usize);
+
+/// The non-blank lines of a JSON-lines file as objects, with their line numbers.
+fn json_objects(path: &Path, text: &str) -> Result<Vec<Line>, ReportError> {
     let mut out = Vec::new();
     for (i, raw) in text.lines().enumerate() {
         if raw.trim().is_empty() {

@@ -76,7 +76,7 @@ fn run_table(md: &mut String, run: &Run) {
     if let (Some(t0), Some(t1)) = (first.time, last.time) {
         rows.push(("wall time", format!("{} s from the first to the last step line", num(t1 - t0))));
     }
-    table(md, &["", ""], rows.into_iter().map(|(k, v)| vec![k.to_string(), v]));
+    table(md, &["run", ""], rows.into_iter().map(|(k, v)| vec![k.to_string(), v]));
     let span = last.step - first.step + 1;
     if span > steps.len() as u64 {
         let _ = writeln!(md, "{} steps between {} and {} have no line.\n", span - steps.len() as u64, first.step, last.step);
@@ -93,7 +93,8 @@ fn run_table(md: &mut String, run: &Run) {
 
 fn curves(md: &mut String, run: &Run, plots: &[&str]) {
     let _ = writeln!(md, "## Training curves\n");
-    let metrics: [(&str, fn(&StepRecord) -> Option<f64>); 4] = [
+    type Metric = (&'static str, fn(&StepRecord) -> Option<f64>);
+    let metrics: [Metric; 4] = [
         ("loss", |s| s.loss),
         ("learning rate", |s| s.lr),
         ("logit scale", |s| s.logit_scale),
@@ -120,7 +121,7 @@ fn throughput(md: &mut String, run: &Run, plots: &[&str]) {
         ("mean compute s", opt(mean(s.iter().map(|x| x.compute_s)))),
         ("mean communication s", opt(mean(s.iter().map(|x| x.comm_s)))),
     ];
-    table(md, &["", ""], rows.into_iter().map(|(k, v)| vec![k.to_string(), v]));
+    table(md, &["throughput", ""], rows.into_iter().map(|(k, v)| vec![k.to_string(), v]));
     images(md, plots, &[("throughput.png", "throughput")]);
     let _ = writeln!(md, "### Per worker\n");
     let _ = writeln!(md, "Means over the steps each worker took part in.\n");

@@ -12,13 +12,13 @@ use crate::{ReportError, load_run, write_report};
 
 /// Loss of step `s` in the synthetic run (step 10's is non-finite, written as null).
 fn loss(s: u64) -> Option<f64> {
-    (s != 10).then(|| 2.0 - 0.025 * s as f64)
+    (s != 10).then_some(2.0 - 0.025 * s as f64)
 }
 
 /// A step line as the coordinator writes it. Worker `w-b` is out of the quorum for steps
 /// 12..=14 (it died and rejoined); `w-a` alternates 0.4 s and 0.6 s steps, `w-b` takes 0.8 s.
 fn step_line(s: u64, loss: Option<f64>) -> serde_json::Value {
-    let a_step = if s % 2 == 0 { 0.4 } else { 0.6 };
+    let a_step = if s.is_multiple_of(2) { 0.4 } else { 0.6 };
     let b_in = !(12..=14).contains(&s);
     let mut workers = serde_json::Map::new();
     workers.insert(
