@@ -8,9 +8,9 @@
 //! reproduces with the same seed.
 
 mod common;
-use common::{jsonl, synth, tmp};
+use common::{finished_json, jsonl, synth, tmp};
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -160,24 +160,6 @@ impl Drop for Cluster {
     }
 }
 
-/// Wait for `child` to exit (at most 300 s) and parse its last stdout line.
-fn last_json(mut child: Child, what: &str, log: &Path) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let tail = std::fs::read_to_string(log).unwrap_or_default();
-            panic!("{what} did not finish within 300 s; its log:\n{tail}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let tail = std::fs::read_to_string(log).unwrap_or_default();
-    assert!(out.status.success(), "{what} failed ({}); its log:\n{tail}", out.status);
-    serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{what}: no JSON ({e}): {stdout}"))
-}
-
 #[test]
 fn a_run_survives_worker_kills_and_a_coordinator_restart_exactly_once() {
     let seed: u64 = std::env::var("DISTCLIP_CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
@@ -206,12 +188,12 @@ fn a_run_survives_worker_kills_and_a_coordinator_restart_exactly_once() {
     }
 
     let coordinator = cluster.coordinator.take().unwrap();
-    let outcome = last_json(coordinator, "the coordinator", &cluster.run.with_extension("coordinator.log"));
+    let outcome = finished_json(coordinator, "the coordinator", &cluster.run.with_extension("coordinator.log"));
     // The workers leave once the run is finished.
     assert_eq!(outcome["state"], "finished", "{outcome}");
     let mut checksums = Vec::new();
     for (id, child) in cluster.workers.iter_mut().filter_map(Option::take) {
-        let out = last_json(child, &id, &cluster.run.with_extension(format!("{id}.log")));
+        let out = finished_json(child, &id, &cluster.run.with_extension(format!("{id}.log")));
         checksums.push((id, out["params_checksum"].as_str().unwrap().to_owned()));
     }
     assert_eq!(checksums.len(), 4);

@@ -8,7 +8,7 @@
 //! Needs root (CAP_SYS_ADMIN for `ip netns`); without it the test says so and passes.
 
 mod common;
-use common::{jsonl, synth, tmp};
+use common::{finished_json, jsonl, synth, tmp};
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -108,25 +108,6 @@ fn now_s() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64()
 }
 
-fn wait_exit(child: &mut Child, what: &str, log: &std::path::Path) {
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            let text = std::fs::read_to_string(log).unwrap_or_default();
-            assert!(status.success(), "{what} failed ({status}); its log:\n{text}");
-            return;
-        }
-        assert!(Instant::now() < deadline, "{what} did not finish within 300 s");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn last_json(child: Child) -> Value {
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("no JSON ({e}): {stdout}"))
-}
-
 #[test]
 fn a_cut_link_is_handled_like_a_death() {
     if !is_root() {
@@ -172,17 +153,16 @@ fn a_cut_link_is_handled_like_a_death() {
     let cut_at = now_s();
     net.cut(3);
 
-    wait_exit(&mut coordinator, "the coordinator", &coord_log);
-    let outcome = last_json(coordinator);
+    let outcome = finished_json(coordinator, "the coordinator", &coord_log);
     assert_eq!(outcome["state"], "finished", "{outcome}");
     // The survivors finish and agree; the cut-off worker is stopped by the test.
     let mut isolated = workers.0.pop().unwrap();
     let _ = isolated.kill();
     let _ = isolated.wait();
     let mut checksums = Vec::new();
-    for (i, mut w) in workers.0.drain(..).enumerate() {
-        wait_exit(&mut w, &format!("worker w{}", i + 1), &dir.join(format!("w{}.log", i + 1)));
-        checksums.push(last_json(w)["params_checksum"].as_str().unwrap().to_owned());
+    for (i, w) in workers.0.drain(..).enumerate() {
+        let out = finished_json(w, &format!("worker w{}", i + 1), &dir.join(format!("w{}.log", i + 1)));
+        checksums.push(out["params_checksum"].as_str().unwrap().to_owned());
     }
     assert_eq!(checksums.len(), 2);
     assert_eq!(checksums[0], checksums[1], "the survivors differ");

@@ -152,3 +152,22 @@ pub fn assert_same_update(a: &Path, b: &Path, init: &Path, lr_sum: f32, what: &s
 pub fn quoted(s: &str) -> String {
     format!("{s:?}")
 }
+
+/// Wait (at most 300 s) for a spawned `distclip` process with piped stdout to exit, require
+/// success, and parse its last stdout line as JSON; `log` is its stderr file, shown on failure.
+pub fn finished_json(mut child: std::process::Child, what: &str, log: &Path) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let tail = std::fs::read_to_string(log).unwrap_or_default();
+            panic!("{what} did not finish within 300 s; its log:\n{tail}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let tail = std::fs::read_to_string(log).unwrap_or_default();
+    assert!(out.status.success(), "{what} failed ({}); its log:\n{tail}", out.status);
+    serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{what}: no JSON ({e}): {stdout}"))
+}
