@@ -141,7 +141,7 @@ pub(crate) const DOCS: &[KeyDoc] = &[
         "train.precision",
         "Numeric precision: `fp32` everywhere, or `bf16` mixed precision: the towers compute in \
          bf16 from fp32 master weights; loss, gradients and optimizer stay fp32. Meant for \
-         `--device cuda:N` (tch build); on CPU backends it runs but is not faster.",
+         `--device cuda:N` (tch build); its speed is not measured yet.",
         &["fp32", "bf16"],
     ),
     key(
