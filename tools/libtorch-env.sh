@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Source this to build and run distclip's `tch` feature against the libtorch inside
 # `pip install torch==2.9.0` (burn-tch 0.22 / tch 0.22 check for exactly 2.9.0).
 # Idempotent: the virtualenv is created and torch installed only when missing.

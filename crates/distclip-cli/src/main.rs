@@ -46,6 +46,8 @@ enum Command {
     Worker(commands::worker::Args),
     /// Start a coordinator and N workers on this machine (loopback) and wait for the run.
     Launch(commands::launch::Args),
+    /// Write a throwaway CA and one certificate for every process of a run (TLS, mutual TLS).
+    Certs(commands::security::CertsArgs),
     /// Zero-shot classification or image-text retrieval of a model, as JSON.
     Eval(commands::eval::Args),
     /// Plots (PNG) and a Markdown summary of a training run directory.
@@ -93,6 +95,7 @@ fn main() -> std::process::ExitCode {
         Command::Coordinator(a) => commands::coordinator::run(a),
         Command::Worker(a) => commands::worker::run(a),
         Command::Launch(a) => commands::launch::run(a, &log_format),
+        Command::Certs(a) => commands::security::certs(a),
         Command::Eval(a) => commands::eval::run(a),
         Command::Report(a) => commands::report::run(a),
         Command::Demo(a) => commands::demo::run(a, &log_format),

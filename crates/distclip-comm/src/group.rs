@@ -514,7 +514,7 @@ async fn open_tx(spec: &GroupSpec, right: usize, opts: &CommOptions, deadline: I
         to_rank: right as u32,
         world_size: spec.peers.len() as u32,
         protocol_version: PROTOCOL_VERSION,
-        transport: opts.transport.as_str().into(),
+        transport: opts.sending_transport().as_str().into(),
     };
     let mut backoff = std::time::Duration::from_millis(5);
     let mut last_err = String::new();
@@ -555,7 +555,7 @@ async fn open_tx(spec: &GroupSpec, right: usize, opts: &CommOptions, deadline: I
         len: 0,
         aux: ticket,
     };
-    match opts.transport {
+    match opts.sending_transport() {
         Transport::Tcp => {
             let conn = async {
                 let mut s = TcpStream::connect(addr.as_str()).await.map_err(|e| e.to_string())?;

@@ -74,8 +74,11 @@ pub struct CommOptions {
     /// The run's token. When set, the server refuses RPCs and data channels without it, and
     /// clients send it with every call (metadata `x-distclip-token`).
     pub token: Option<String>,
-    /// How this side sends tensor bytes (each receiver accepts both).
+    /// How this side sends tensor bytes (each receiver accepts both). With `tls` set, bytes
+    /// always travel on gRPC, whatever this says: the framed TCP stream has no encryption.
     pub transport: Transport,
+    /// TLS (mutual when its settings say so) on the server and every call; None: plaintext.
+    pub tls: Option<distclip_proto::tls::Tls>,
 }
 
 impl Default for CommOptions {
@@ -86,6 +89,7 @@ impl Default for CommOptions {
             max_chunk_bytes: 16 << 20,
             token: None,
             transport: Transport::Tcp,
+            tls: None,
         }
     }
 }
@@ -107,6 +111,11 @@ impl CommOptions {
             ));
         }
         Ok(())
+    }
+
+    /// The transport this side sends on: gRPC under TLS (see [`CommOptions::transport`]).
+    pub(crate) fn sending_transport(&self) -> Transport {
+        if self.tls.is_some() { Transport::Grpc } else { self.transport }
     }
 
     /// The per-piece element count for f32 collectives.

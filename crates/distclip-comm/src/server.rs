@@ -1,5 +1,6 @@
-//! The per-process data-plane server: one TCP port that serves gRPC (`distclip.v1.Peer`) and
-//! accepts framed TCP data channels, told apart by their first four bytes.
+//! The per-process data-plane server: one TCP port that serves gRPC (`distclip.v1.Peer` and
+//! `grpc.health.v1`) and accepts framed TCP data channels, told apart by their first four
+//! bytes. Under TLS every connection is gRPC.
 
 use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
@@ -69,6 +70,7 @@ pub(crate) struct Inner {
 pub struct PeerServer {
     pub(crate) inner: Arc<Inner>,
     local_addr: SocketAddr,
+    health: tonic_health::server::HealthReporter,
     accept_task: tokio::task::JoinHandle<()>,
     grpc_task: tokio::task::JoinHandle<()>,
 }
@@ -88,6 +90,12 @@ impl PeerServer {
         if let Some(t) = &opts.token {
             tonic::metadata::MetadataValue::try_from(t.as_str()).map_err(|_| CommError::InvalidOptions {
                 detail: "the token must be printable ASCII (it travels as gRPC metadata)".into(),
+            })?;
+        }
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &opts.tls {
+            builder = builder.tls_config(tls.server_config()).map_err(|e| CommError::InvalidOptions {
+                detail: format!("TLS settings refused: {}", distclip_proto::tls::error_chain(&e)),
             })?;
         }
         let listener = TcpListener::bind(addr).await.map_err(|source| CommError::Bind { addr, source })?;
@@ -111,11 +119,17 @@ impl PeerServer {
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit);
         let incoming = tokio_stream::wrappers::UnboundedReceiverStream::new(grpc_rx);
+        // Unauthenticated, like any health check (Kubernetes' gRPC probes send no metadata);
+        // it tells nothing but whether this worker is in a quorum.
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_not_serving::<PeerService<Service>>().await;
+        health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
         let grpc_task = tokio::spawn(async move {
-            let served = tonic::transport::Server::builder()
+            let served = builder
                 .initial_stream_window_size(Some(H2_STREAM_WINDOW))
                 .initial_connection_window_size(Some(H2_CONN_WINDOW))
                 .tcp_nodelay(true)
+                .add_service(health_service)
                 .add_service(service)
                 .serve_with_incoming(incoming)
                 .await;
@@ -123,12 +137,21 @@ impl PeerServer {
                 tracing::error!(error = %e, "peer gRPC server stopped");
             }
         });
-        Ok(PeerServer { inner, local_addr, accept_task, grpc_task })
+        Ok(PeerServer { inner, local_addr, health, accept_task, grpc_task })
     }
 
     /// The address peers reach this server on (with the port chosen if 0 was asked for).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// What `grpc.health.v1` answers, for the whole server (`""`) and `distclip.v1.Peer`:
+    /// SERVING while the worker trains in a quorum, NOT_SERVING while it waits, heals or has
+    /// finished (it starts NOT_SERVING).
+    pub async fn set_serving(&self, serving: bool) {
+        let status = if serving { tonic_health::ServingStatus::Serving } else { tonic_health::ServingStatus::NotServing };
+        self.health.set_service_status("", status).await;
+        self.health.set_service_status("distclip.v1.Peer", status).await;
     }
 
     /// Set (or replace) what `FetchState` serves: a callback that serialises this worker's
@@ -241,6 +264,12 @@ async fn accept_loop(
                 let (inner, grpc_tx) = (inner.clone(), grpc_tx.clone());
                 tokio::spawn(async move {
                     let _ = sock.set_nodelay(true);
+                    // Under TLS every connection is gRPC: tonic does the handshake, and a
+                    // plaintext data channel has nothing to be sniffed as.
+                    if inner.opts.tls.is_some() {
+                        let _ = grpc_tx.send(Ok(sock));
+                        return;
+                    }
                     match sniff(&sock, inner.opts.timeout).await {
                         Some(true) => data_channel(sock, &inner).await,
                         Some(false) => {
@@ -329,6 +358,11 @@ impl Peer for Service {
             )));
         }
         let transport: Transport = r.transport.parse().map_err(Status::invalid_argument)?;
+        if transport == Transport::Tcp && self.inner.opts.tls.is_some() {
+            return Err(Status::failed_precondition(
+                "this worker runs TLS and takes tensor bytes on gRPC only; give every worker the same TLS settings",
+            ));
+        }
         let mut st = self.inner.state();
         if r.quorum_id < st.quorum_id {
             let ours = st.quorum_id;
@@ -409,21 +443,20 @@ impl Peer for Service {
 
 /// A gRPC client for the peer at `addr` with this crate's limits and windows.
 pub(crate) async fn connect_client(addr: &str, opts: &CommOptions) -> Result<PeerClient<Channel>, String> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+    let scheme = if opts.tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
         .map_err(|e| format!("bad peer address `{addr}`: {e}"))?
         .connect_timeout(opts.timeout)
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(H2_STREAM_WINDOW))
         .initial_connection_window_size(Some(H2_CONN_WINDOW));
-    let channel = endpoint.connect().await.map_err(|e| {
-        let mut msg = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            msg = format!("{msg}: {s}");
-            src = s.source();
-        }
-        msg
-    })?;
+    if let Some(tls) = &opts.tls {
+        let host = endpoint.uri().host().unwrap_or_default().to_owned();
+        endpoint = endpoint
+            .tls_config(tls.client_config(&host))
+            .map_err(|e| format!("TLS settings for `{addr}`: {}", distclip_proto::tls::error_chain(&e)))?;
+    }
+    let channel = endpoint.connect().await.map_err(|e| distclip_proto::tls::error_chain(&e))?;
     let limit = opts.max_chunk_bytes + 4096;
     Ok(PeerClient::new(channel).max_decoding_message_size(limit).max_encoding_message_size(limit))
 }

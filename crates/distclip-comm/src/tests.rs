@@ -9,7 +9,7 @@ use crate::{CommError, CommOptions, Group, GroupSpec, PeerServer, Transport, blo
 
 fn opts(transport: Transport) -> CommOptions {
     // 64-byte pieces: the test lengths span many pieces per block.
-    CommOptions { timeout: Duration::from_secs(10), chunk_bytes: 64, max_chunk_bytes: 1 << 16, token: None, transport }
+    CommOptions { timeout: Duration::from_secs(10), chunk_bytes: 64, max_chunk_bytes: 1 << 16, token: None, transport, tls: None }
 }
 
 async fn servers(w: usize, o: &CommOptions) -> Vec<PeerServer> {
@@ -42,8 +42,8 @@ fn plain_sum(w: usize, n: usize) -> Vec<f32> {
     (0..n).map(|i| (0..w).map(|r| input(r, n)[i]).sum()).collect()
 }
 
-async fn check_collectives(w: usize, transport: Transport) {
-    let o = opts(transport);
+async fn check_collectives(w: usize, o: CommOptions) {
+    let transport = o.sending_transport();
     let srv = servers(w, &o).await;
     let groups = ring(&srv, 1).await;
     // 16 f32 per piece: 103 is not divisible by 2, 3 or 4 and spans several pieces per block;
@@ -87,15 +87,60 @@ async fn check_collectives(w: usize, transport: Transport) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn collectives_equal_plain_sums_for_1_to_4_ranks_over_tcp() {
     for w in 1..=4 {
-        check_collectives(w, Transport::Tcp).await;
+        check_collectives(w, opts(Transport::Tcp)).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn collectives_equal_plain_sums_over_grpc_streams() {
     for w in [2, 3] {
-        check_collectives(w, Transport::Grpc).await;
+        check_collectives(w, opts(Transport::Grpc)).await;
     }
+}
+
+/// A new CA and one mutual-TLS node certificate for 127.0.0.1, in a folder of its own.
+fn tls_files(name: &str) -> distclip_proto::tls::TlsFiles {
+    let dir = std::env::temp_dir().join(format!("distclip-comm-tls-{name}-{}", std::process::id()));
+    distclip_proto::tls::certs::generate(&dir, &["127.0.0.1".into()]).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_carries_collectives_and_refuses_strangers() {
+    let files = tls_files("run");
+    // Asked for TCP, but under TLS the bytes go on gRPC, inside the encrypted connection.
+    let o = CommOptions { tls: Some(files.load().unwrap()), ..opts(Transport::Tcp) };
+    assert_eq!(o.sending_transport(), Transport::Grpc);
+    check_collectives(3, o.clone()).await;
+
+    let srv = PeerServer::bind("127.0.0.1:0".parse().unwrap(), o.clone()).await.unwrap();
+    let addr = srv.local_addr().to_string();
+    let state = vec![5u8; 1000];
+    let served = Arc::new(state.clone());
+    srv.set_state_provider(Arc::new(move || Ok(served.as_ref().clone())));
+    assert_eq!(fetch_state(&addr, &o).await.unwrap(), state);
+
+    // Strangers: plaintext; a certificate from another CA; the right CA but no certificate.
+    let plain = opts(Transport::Tcp);
+    assert!(fetch_state(&addr, &plain).await.is_err());
+    let other = CommOptions { tls: Some(tls_files("other").load().unwrap()), ..o.clone() };
+    let err = fetch_state(&addr, &other).await.unwrap_err().to_string();
+    assert!(err.contains("certificate"), "a server of another CA is named as such: {err}");
+    let certless = distclip_proto::tls::TlsFiles { mutual: false, ..files.clone() };
+    let certless = CommOptions { tls: Some(certless.load().unwrap()), ..o.clone() };
+    assert!(fetch_state(&addr, &certless).await.is_err(), "mutual TLS refuses a caller without a certificate");
+
+    // A plaintext data channel's hello is not a TLS handshake: the server closes it, not hangs.
+    let mut sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut hello = crate::wire::MAGIC.to_vec();
+    hello.resize(crate::wire::HEADER_LEN, 0);
+    tokio::io::AsyncWriteExt::write_all(&mut sock, &hello).await.unwrap();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(15), tokio::io::AsyncReadExt::read(&mut sock, &mut buf)).await;
+    let n = read.expect("the server must not leave a bad handshake hanging").unwrap_or(0);
+    assert!(n == 0 || buf[0] == 0x15, "closed, or a TLS alert record (0x15), got {:?}", &buf[..n]);
+
+    // And the run's own callers are still served.
+    assert_eq!(fetch_state(&addr, &o).await.unwrap(), state);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -325,4 +370,25 @@ async fn abort_ends_a_collective_waiting_on_a_silent_peer() {
     assert!(matches!(&err, CommError::Broken { quorum_id: 1, cause } if cause.contains("abandoned")), "{err}");
     let err = groups[0].all_gather(&[1.0]).await.unwrap_err();
     assert!(matches!(err, CommError::Broken { quorum_id: 1, .. }), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_follows_set_serving_without_a_token() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let o = CommOptions { token: Some("s3cret".into()), ..opts(Transport::Tcp) };
+    let srv = PeerServer::bind("127.0.0.1:0".parse().unwrap(), o).await.unwrap();
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", srv.local_addr())).unwrap().connect().await.unwrap();
+    let health = HealthClient::new(channel);
+    let status = |service: &str| {
+        let mut h = health.clone();
+        let service = service.to_owned();
+        async move { h.check(HealthCheckRequest { service }).await.unwrap().into_inner().status }
+    };
+    assert_eq!(status("").await, ServingStatus::NotServing as i32, "not in a quorum yet");
+    srv.set_serving(true).await;
+    assert_eq!(status("").await, ServingStatus::Serving as i32);
+    assert_eq!(status("distclip.v1.Peer").await, ServingStatus::Serving as i32);
+    srv.set_serving(false).await;
+    assert_eq!(status("distclip.v1.Peer").await, ServingStatus::NotServing as i32);
 }

@@ -1,6 +1,7 @@
-//! The coordinator's HTTP side, on its own port beside gRPC: `GET /metrics` (Prometheus text
-//! format) and `GET /healthz`. One router over a read-only view of the machine, so a status
-//! page and a JSON API can be added as further routes on the same port.
+//! The coordinator's HTTP side, on its own port beside gRPC: `GET /` (the status page, a
+//! person's view of the run that updates itself), `GET /api/status` (the same data as JSON),
+//! `GET /metrics` (Prometheus text format) and `GET /healthz`. One router over a read-only view
+//! of the machine.
 //!
 //! Every request only reads the machine under its lock and renders outside it; a failure of
 //! the HTTP server is logged and never ends the run.
@@ -23,11 +24,19 @@ use tokio::net::TcpListener;
 pub(crate) trait MachineView: Send + Sync + 'static {
     /// Run `f` on the machine (under its lock: keep `f` short).
     fn with_machine<R>(&self, f: impl FnOnce(&Machine) -> R) -> R;
+
+    /// The document of `GET /api/status` (see [`crate::status::status_json`]).
+    fn status(&self) -> serde_json::Value;
 }
+
+/// The status page: static, it fetches `/api/status` itself.
+const STATUS_PAGE: &str = include_str!("status.html");
 
 /// The routes, over `view`.
 pub(crate) fn router<V: MachineView>(view: Arc<V>) -> Router {
     Router::new()
+        .route("/", get(page))
+        .route("/api/status", get(status::<V>))
         .route("/metrics", get(metrics::<V>))
         .route("/healthz", get(healthz))
         .fallback(not_found)
@@ -39,13 +48,22 @@ async fn metrics<V: MachineView>(State(view): State<Arc<V>>) -> impl IntoRespons
     ([(header::CONTENT_TYPE, CONTENT_TYPE)], render_prometheus(&snapshot))
 }
 
+async fn page() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")], STATUS_PAGE)
+}
+
+async fn status<V: MachineView>(State(view): State<Arc<V>>) -> impl IntoResponse {
+    let doc = view.status().to_string();
+    ([(header::CONTENT_TYPE, "application/json"), (header::CACHE_CONTROL, "no-store")], doc)
+}
+
 /// Liveness: the process answers. The run's own state is in `/metrics`.
 async fn healthz() -> &'static str {
     "ok\n"
 }
 
 async fn not_found() -> (StatusCode, &'static str) {
-    (StatusCode::NOT_FOUND, "not found: the coordinator serves GET /metrics and GET /healthz\n")
+    (StatusCode::NOT_FOUND, "not found: the coordinator serves GET / (status page), /api/status, /metrics and /healthz\n")
 }
 
 /// A bound HTTP listener, not yet serving.
@@ -132,6 +150,11 @@ mod tests {
         fn with_machine<R>(&self, f: impl FnOnce(&Machine) -> R) -> R {
             f(&self.0.lock().unwrap())
         }
+
+        fn status(&self) -> serde_json::Value {
+            let m = self.with_machine(|m| m.metrics(Instant::now()));
+            crate::status::status_json(&m, &crate::status::Recent::default(), None, None)
+        }
     }
 
     async fn get(addr: SocketAddr, path: &str) -> String {
@@ -162,6 +185,12 @@ mod tests {
         assert!(r.contains("\ndistclip_run_info{run_id=\"run-h\",state=\"waiting\"} 1\n"), "{r}");
         let r = get(addr, "/healthz").await;
         assert!(r.starts_with("HTTP/1.1 200") && r.ends_with("ok\n"), "{r}");
+        let r = get(addr, "/").await;
+        assert!(r.starts_with("HTTP/1.1 200") && r.contains("text/html") && r.contains("fetch(\"/api/status\""), "{r}");
+        let r = get(addr, "/api/status").await;
+        assert!(r.starts_with("HTTP/1.1 200") && r.contains("application/json"), "{r}");
+        let body: serde_json::Value = serde_json::from_str(r.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        assert_eq!((body["run_id"].as_str(), body["state"].as_str(), body["step"].as_u64()), (Some("run-h"), Some("waiting"), Some(0)));
         let r = get(addr, "/nope").await;
         assert!(r.starts_with("HTTP/1.1 404") && r.contains("/metrics"), "{r}");
         server.stop().await;

@@ -21,6 +21,7 @@ pub mod progress;
 pub mod ranges;
 mod resume;
 pub mod service;
+pub mod status;
 
 pub use error::CoordinatorError;
 pub use ledger::ShardInfo;

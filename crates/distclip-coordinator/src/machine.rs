@@ -43,6 +43,9 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 mod telemetry;
+mod untrusted;
+#[doc(hidden)]
+pub use untrusted::drive_untrusted;
 
 /// Version of `state.json`'s layout.
 pub const STATE_VERSION: u32 = 1;
@@ -184,6 +187,17 @@ pub struct Event {
     pub kind: &'static str,
     /// Details, including the run's step, epoch and quorum id when it happened.
     pub fields: serde_json::Map<String, Value>,
+}
+
+impl Event {
+    /// The `events.jsonl` line: `time` (Unix seconds), `kind`, then the fields.
+    pub fn line(&self, time: f64) -> Value {
+        let mut m = serde_json::Map::new();
+        m.insert("time".into(), time.into());
+        m.insert("kind".into(), self.kind.into());
+        m.extend(self.fields.clone());
+        Value::Object(m)
+    }
 }
 
 /// Side effects to perform after a call, in order.
@@ -581,6 +595,7 @@ impl Machine {
             req.step,
             now,
         )?;
+        self.members.set_rank_hint(&req.worker_id, req.rank_hint);
         let id = req.worker_id.clone();
         if kind == JoinKind::Rejoin {
             // The worker starts over: what it held goes back to the pool, its votes and
@@ -1401,7 +1416,10 @@ impl Machine {
             .map(|v| (*v, v.metrics.clone().unwrap_or_default()))
             .collect();
         self.telemetry.record_step(
-            metrics.iter().map(|(v, m)| (v.worker_id.as_str(), m)),
+            metrics.iter().map(|(v, m)| {
+                let skipped = v.shard_reports.iter().map(|r| r.skipped.len() as u64).sum();
+                (v.worker_id.as_str(), m, skipped)
+            }),
             &self.members,
         );
         let max = |f: fn(&distclip_proto::v1::StepMetrics) -> f64| {

@@ -15,8 +15,11 @@ pub struct MemberInfo {
     pub device: String,
     /// Threads, for status.
     pub threads: u32,
-    /// Join order: ranks follow it, so they are deterministic and stable across quorums.
+    /// Join order: ranks follow it (after `rank_hint`), so they are deterministic and stable
+    /// across quorums.
     pub seq: u64,
+    /// The rank the worker's launcher gave it, if any: ranks follow hints first.
+    pub rank_hint: Option<u32>,
     /// Last step the worker said it reached.
     pub step: u64,
     /// Free-form state from heartbeats ("training", "healing", ...).
@@ -106,6 +109,7 @@ impl Membership {
                 device: device.to_string(),
                 threads,
                 seq,
+                rank_hint: None,
                 step,
                 state: "joined".into(),
                 last_seen: now,
@@ -179,17 +183,38 @@ impl Membership {
         self.members.is_empty()
     }
 
-    /// Members in join order (the rank order).
+    /// Members in rank order: by rank hint, members without one last, then by join order.
     pub fn in_join_order(&self) -> Vec<&MemberInfo> {
         let mut v: Vec<&MemberInfo> = self.members.values().collect();
-        v.sort_by_key(|m| m.seq);
+        v.sort_by_key(|m| (m.rank_hint.unwrap_or(u32::MAX), m.seq));
         v
+    }
+
+    /// Record the rank hint a member joined with.
+    pub fn set_rank_hint(&mut self, worker_id: &str, hint: Option<u32>) {
+        if let Some(m) = self.members.get_mut(worker_id) {
+            m.rank_hint = hint;
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rank_hints_order_before_join_order() {
+        let t0 = Instant::now();
+        let mut m = Membership::new(Duration::from_millis(5000), 0);
+        for id in ["x", "c", "a", "b"] {
+            m.join(id, "h:1", "flex", 1, 0, t0).unwrap();
+        }
+        m.set_rank_hint("a", Some(0));
+        m.set_rank_hint("b", Some(1));
+        m.set_rank_hint("c", Some(2));
+        let order: Vec<&str> = m.in_join_order().iter().map(|w| w.worker_id.as_str()).collect();
+        assert_eq!(order, ["a", "b", "c", "x"], "hinted first, in hint order; the rest by join order");
+    }
 
     #[test]
     fn join_rejoin_heartbeat_expire_leave() {

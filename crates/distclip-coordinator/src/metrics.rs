@@ -58,6 +58,14 @@ pub struct WorkerMetrics {
     pub last_heartbeat_age_seconds: f64,
     /// Its last committed step, once it committed one (under this coordinator process).
     pub last_step: Option<WorkerStep>,
+    /// Its data-plane address (what peers dial).
+    pub address: String,
+    /// The device it trains on, as it reported it (`flex`, `cpu`, `cuda:0`).
+    pub device: String,
+    /// What its last heartbeat said it was doing (`training`, `healing`, ...).
+    pub activity: String,
+    /// Samples it skipped as bad in committed steps (under this coordinator process).
+    pub skipped_samples: u64,
 }
 
 /// The run as monitoring sees it at one instant.
@@ -240,6 +248,15 @@ pub fn render_prometheus(m: &RunMetrics) -> String {
         last(|s| s.samples_per_second),
     );
 
+    let skipped = Family::<Labels, Counter>::default();
+    for w in w {
+        let rank = w.rank.map(|r| r.to_string()).unwrap_or_default();
+        skipped.get_or_create(&vec![("worker".into(), w.worker_id.clone()), ("rank".into(), rank)]).inc_by(w.skipped_samples);
+    }
+    if !w.is_empty() {
+        b.add("distclip_worker_skipped_samples", "Samples a worker skipped as bad in committed steps", skipped);
+    }
+
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = prometheus_text::encode(&mut out, &b.0);
@@ -287,6 +304,10 @@ mod tests {
                         communication_seconds: 0.0625,
                         samples_per_second: 64.0,
                     }),
+                    address: "10.0.0.1:7080".into(),
+                    device: "cuda:0".into(),
+                    activity: "training".into(),
+                    skipped_samples: 3,
                 },
                 WorkerMetrics {
                     worker_id: "w\"1".into(),
@@ -294,6 +315,10 @@ mod tests {
                     step: 0,
                     last_heartbeat_age_seconds: 1.5,
                     last_step: None,
+                    address: "10.0.0.2:7080".into(),
+                    device: "flex".into(),
+                    activity: "healing".into(),
+                    skipped_samples: 0,
                 },
             ],
         }
@@ -335,6 +360,8 @@ mod tests {
         assert_eq!(v(r#"distclip_worker_compute_seconds{worker="w0",rank="0"}"#), "0.25");
         assert_eq!(v(r#"distclip_worker_communication_seconds{worker="w0",rank="0"}"#), "0.0625");
         assert_eq!(v(r#"distclip_worker_samples_per_second{worker="w0",rank="0"}"#), "64.0");
+        assert_eq!(v(r#"distclip_worker_skipped_samples_total{worker="w0",rank="0"}"#), "3");
+        assert_eq!(v(r#"distclip_worker_skipped_samples_total{worker="w\"1",rank=""}"#), "0");
         assert_eq!(v(r#"distclip_worker_last_heartbeat_age_seconds{worker="w0",rank="0"}"#), "0.25");
         // Label values are escaped; a worker outside the quorum has an empty rank and no step
         // times until it commits one.

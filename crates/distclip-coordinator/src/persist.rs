@@ -218,16 +218,7 @@ impl RunDir {
     /// Append events as `{"time", "kind", ...fields}` lines.
     pub fn append_events(&self, events: &[Event]) -> Result<(), CoordinatorError> {
         let time = unix_time();
-        let lines: Vec<Value> = events
-            .iter()
-            .map(|e| {
-                let mut m = serde_json::Map::new();
-                m.insert("time".into(), time.into());
-                m.insert("kind".into(), e.kind.into());
-                m.extend(e.fields.clone());
-                Value::Object(m)
-            })
-            .collect();
+        let lines: Vec<Value> = events.iter().map(|e| e.line(time)).collect();
         self.append(self.events_path(), &lines)
     }
 

@@ -61,8 +61,8 @@ impl Progress {
         if let Some(r) = self.samples_per_s {
             parts.push(format!("{} samples/s", si(r)));
         }
-        if let (Some(s), true) = (self.step_s, self.total_steps > step) {
-            parts.push(format!("ETA {}", duration((self.total_steps - step) as f64 * s)));
+        if let Some(eta) = self.eta_seconds(step) {
+            parts.push(format!("ETA {}", duration(eta)));
         }
         if let Some(l) = metrics["loss"].as_f64() {
             parts.push(format!("loss {l:.4}"));
@@ -74,6 +74,20 @@ impl Progress {
             parts.push(format!("{w} worker{}", if w == 1 { "" } else { "s" }));
         }
         Some(parts.join(" | "))
+    }
+}
+
+impl Progress {
+    /// Seconds left with `steps_done` steps committed: the smoothed step time times the steps
+    /// still planned. None while the plan or the step time is unknown, or the plan is done.
+    pub fn eta_seconds(&self, steps_done: u64) -> Option<f64> {
+        let step_s = self.step_s?;
+        (self.total_steps > steps_done).then(|| (self.total_steps - steps_done) as f64 * step_s)
+    }
+
+    /// Samples per second between commits, smoothed; None before the second commit.
+    pub fn samples_per_second(&self) -> Option<f64> {
+        self.samples_per_s
     }
 }
 

@@ -56,6 +56,13 @@ pub struct CoordinatorOptions {
     /// checkpoint directory. The run state comes from the checkpoint, not `state.json`, and
     /// workers load its weights and optimizer state.
     pub resume: Option<String>,
+    /// TLS on the gRPC port (mutual when the settings say so); None: plaintext. The HTTP
+    /// endpoint stays plaintext: it serves metrics and status, not the run.
+    pub tls: Option<distclip_proto::tls::Tls>,
+    /// After the run ends, keep serving (status page, metrics, health, the outcome to workers
+    /// that come late) until `shutdown`, instead of exiting once the workers have left: what a
+    /// Kubernetes Deployment needs, whose pod would otherwise be restarted.
+    pub keep_serving: bool,
 }
 
 impl CoordinatorOptions {
@@ -71,6 +78,8 @@ impl CoordinatorOptions {
             exit_grace: None,
             tick: Duration::from_millis(100),
             resume: None,
+            tls: None,
+            keep_serving: false,
         }
     }
 }
@@ -107,6 +116,8 @@ struct Shared {
     closing: AtomicBool,
     wait_limit: Duration,
     progress: Mutex<Progress>,
+    /// Curves and latest events for the status page.
+    recent: Mutex<crate::status::Recent>,
 }
 
 impl Shared {
@@ -145,6 +156,14 @@ impl Shared {
             }
             for ev in &out.events {
                 log_event(ev);
+            }
+            if let Ok(mut r) = self.recent.lock() {
+                if let Some(step) = out.rewind_metrics {
+                    r.rewind(step);
+                }
+                out.metrics.iter().for_each(|l| r.metrics_line(l));
+                let time = crate::persist::unix_time();
+                out.events.iter().for_each(|e| r.event(e.line(time)));
             }
             if let Err(e) = self.dir.append_events(&out.events) {
                 tracing::error!("{e}");
@@ -370,6 +389,8 @@ pub struct Coordinator {
     http: Option<crate::http::HttpListener>,
     tick: Duration,
     exit_grace: Duration,
+    tls: Option<distclip_proto::tls::Tls>,
+    keep_serving: bool,
 }
 
 fn new_run_id() -> String {
@@ -456,7 +477,13 @@ impl Coordinator {
             closing: AtomicBool::new(false),
             wait_limit,
             progress: Mutex::new(Progress::new(cfg.total_steps, cfg.epochs, config.log.every_steps)),
+            recent: Mutex::new(crate::status::Recent::default()),
         });
+        // A restarted coordinator's page starts with the run's history, not a blank.
+        if let Ok(mut r) = shared.recent.lock() {
+            let read = |p: std::path::PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+            r.seed(&read(shared.dir.metrics_path()), &read(shared.dir.events_path()));
+        }
         // The state file exists from the start, so a restart right away resumes this run id.
         shared.with(|m, _| m.mark_state_changed());
         let exit_grace = opts
@@ -469,6 +496,8 @@ impl Coordinator {
             http,
             tick: opts.tick.max(Duration::from_millis(1)),
             exit_grace,
+            tls: opts.tls,
+            keep_serving: opts.keep_serving,
         })
     }
 
@@ -502,8 +531,15 @@ impl Coordinator {
         let http = self.http.map(|l| crate::http::spawn(l, shared.clone()));
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let incoming = tonic::transport::server::TcpIncoming::from(self.listener);
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &self.tls {
+            builder = builder.tls_config(tls.server_config()).map_err(|e| CoordinatorError::Bind {
+                addr: self.addr.to_string(),
+                message: format!("TLS settings refused: {}", distclip_proto::tls::error_chain(&e)),
+            })?;
+        }
         let server = tokio::spawn(
-            tonic::transport::Server::builder()
+            builder
                 .add_service(health)
                 .add_service(svc)
                 .serve_with_incoming_shutdown(incoming, async {
@@ -514,7 +550,7 @@ impl Coordinator {
         let ticker = {
             let shared = shared.clone();
             let reporter = reporter.clone();
-            let (tick, grace) = (self.tick, self.exit_grace);
+            let (tick, grace, keep_serving) = (self.tick, self.exit_grace, self.keep_serving);
             async move {
                 let mut interval = tokio::time::interval(tick);
                 interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -536,7 +572,7 @@ impl Coordinator {
                             .set_service_status("", ServingStatus::NotServing)
                             .await;
                     }
-                    if ended {
+                    if ended && !keep_serving {
                         let at = *ended_at.get_or_insert_with(Instant::now);
                         if done || at.elapsed() > grace {
                             return;
@@ -597,5 +633,15 @@ pub async fn serve(
 impl crate::http::MachineView for Shared {
     fn with_machine<R>(&self, f: impl FnOnce(&Machine) -> R) -> R {
         self.read(f)
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let metrics = self.read(|m| m.metrics(Instant::now()));
+        let (eta, rate) = match self.progress.lock() {
+            Ok(p) => (p.eta_seconds(metrics.step), p.samples_per_second()),
+            Err(_) => (None, None),
+        };
+        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        crate::status::status_json(&metrics, &recent, eta, rate)
     }
 }

@@ -78,6 +78,7 @@ async fn fake_worker(addr: String, id: String, batch: usize, start_step: u64) ->
             device: "flex".into(),
             threads: 1,
             step: start_step,
+            rank_hint: None,
         })
         .await
         .unwrap()
@@ -500,4 +501,96 @@ async fn a_restarted_coordinator_resumes_the_epoch_from_state_json() {
     let events = std::fs::read_to_string(dir.join("events.jsonl")).unwrap();
     assert!(events.contains("\"kind\":\"resume\""), "{events}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A channel to `addr` (127.0.0.1) with these TLS settings.
+async fn tls_channel(addr: &str, tls: &distclip_proto::tls::Tls) -> Result<Channel, String> {
+    Channel::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls.client_config("127.0.0.1"))
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| distclip_proto::tls::error_chain(&e))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_admits_the_run_and_refuses_strangers() {
+    use distclip_proto::tls::{TlsFiles, certs};
+    let dir = run_dir("tls");
+    let files = certs::generate(&dir.join("pki"), &["127.0.0.1".into()]).unwrap();
+    let config = RunConfig::load(None, &["data.train=/nonexistent/shards/{000..005}.tar".into()]).unwrap();
+    let mut opts = CoordinatorOptions::new(config, shards(), &dir);
+    opts.token = Some(TOKEN.into());
+    opts.tls = Some(files.load().unwrap());
+    let coord = Coordinator::bind(opts).await.unwrap();
+    let addr = coord.local_addr().to_string();
+    let server = tokio::spawn(coord.run(std::future::pending()));
+
+    // The run's certificate and token: served, health included.
+    let tls = files.load().unwrap();
+    let channel = tls_channel(&addr, &tls).await.unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let h = health
+        .check(tonic_health::pb::HealthCheckRequest { service: "distclip.v1.Coordinator".into() })
+        .await
+        .unwrap();
+    assert_eq!(h.into_inner().status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    let mut ok = CoordinatorClient::with_interceptor(channel.clone(), Auth(Some(TOKEN.into())));
+    assert_eq!(ok.status(StatusRequest {}).await.unwrap().into_inner().state, "waiting");
+    // The certificate is not a substitute for the token.
+    let mut tokenless = CoordinatorClient::with_interceptor(channel, Auth(None));
+    assert_eq!(tokenless.status(StatusRequest {}).await.unwrap_err().code(), tonic::Code::Unauthenticated);
+
+    // Plaintext gets no answer.
+    let plain = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await;
+    if let Ok(ch) = plain {
+        let mut c = CoordinatorClient::with_interceptor(ch, Auth(Some(TOKEN.into())));
+        assert!(c.status(StatusRequest {}).await.is_err(), "a plaintext call must fail");
+    }
+    // A server certificate from another CA is refused by the client, by name.
+    let other = certs::generate(&dir.join("other"), &["127.0.0.1".into()]).unwrap().load().unwrap();
+    let err = tls_channel(&addr, &other).await.unwrap_err();
+    assert!(err.contains("certificate"), "{err}");
+    // Without a client certificate, mutual TLS refuses the caller (at the handshake or the
+    // first call, depending on the TLS version's order of messages).
+    let certless = TlsFiles { mutual: false, ..files.clone() }.load().unwrap();
+    if let Ok(ch) = tls_channel(&addr, &certless).await {
+        let mut c = CoordinatorClient::with_interceptor(ch, Auth(Some(TOKEN.into())));
+        assert!(c.status(StatusRequest {}).await.is_err(), "a caller without a certificate must be refused");
+    }
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_serving_outlives_the_run_until_shutdown() {
+    let dir = run_dir("keep");
+    let config = RunConfig::load(
+        None,
+        &[
+            "data.train=/nonexistent/shards/{000..005}.tar".into(),
+            "train.batch_size=4".into(),
+            "cluster.min_workers=1".into(),
+        ],
+    )
+    .unwrap();
+    let mut opts = CoordinatorOptions::new(config, shards(), &dir);
+    opts.token = Some(TOKEN.into());
+    opts.keep_serving = true;
+    opts.exit_grace = Some(Duration::from_millis(10));
+    let coord = Coordinator::bind(opts).await.unwrap();
+    let addr = coord.local_addr().to_string();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(coord.run(async {
+        let _ = stopped.await;
+    }));
+    let consumed = tokio::time::timeout(GUARD, fake_worker(addr.clone(), "w0".into(), 4, 0)).await.expect("worker hung");
+    assert_eq!(consumed.len() as u64, (0..SHARDS).map(samples_of).sum::<u64>());
+    // The run is over and its only worker gone, yet the coordinator still answers.
+    assert!(tokio::time::timeout(Duration::from_millis(300), &mut server).await.is_err(), "it exited");
+    let mut c = client(&addr, Some(TOKEN)).await;
+    assert_eq!(c.status(StatusRequest {}).await.unwrap().into_inner().state, "finished");
+    stop.send(()).unwrap();
+    let outcome = tokio::time::timeout(GUARD, server).await.expect("no exit after shutdown").unwrap().unwrap();
+    assert!(outcome.finished(), "{outcome:?}");
 }

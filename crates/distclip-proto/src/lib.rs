@@ -1,5 +1,6 @@
 //! Generated gRPC code for distclip (package `distclip.v1`): the coordinator's control plane
-//! and the workers' data plane. The `.proto` sources live in `proto/distclip/v1/`.
+//! and the workers' data plane. The `.proto` sources live in `proto/distclip/v1/`. [`tls`] holds
+//! the transport security both planes share.
 
 #![allow(missing_docs)]
 
@@ -7,3 +8,5 @@
 pub mod v1 {
     tonic::include_proto!("distclip.v1");
 }
+
+pub mod tls;

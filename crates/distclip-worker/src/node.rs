@@ -48,8 +48,12 @@ pub struct WorkerOptions {
     pub data_threads: usize,
     /// Run token sent on every RPC.
     pub token: Option<String>,
+    /// TLS for the coordinator calls (an `https://` URL) and the data plane; None: plaintext.
+    pub tls: Option<distclip_proto::tls::Tls>,
     /// Stable worker id (default: host, pid and a random suffix).
     pub worker_id: Option<String>,
+    /// The rank its launcher gave it (see `JoinRequest.rank_hint`), if any.
+    pub rank_hint: Option<u32>,
     /// Where rank 0 also writes the final model (`model.safetensors`), besides the final
     /// checkpoint.
     pub save_dir: Option<PathBuf>,
@@ -106,12 +110,29 @@ impl tonic::service::Interceptor for TokenInterceptor {
 /// How long a worker keeps trying to reach the coordinator before it gives up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 
-async fn connect(url: &str, token: Option<&str>) -> Result<Client, WorkerError> {
+async fn connect(
+    url: &str,
+    token: Option<&str>,
+    tls: Option<&distclip_proto::tls::Tls>,
+) -> Result<Client, WorkerError> {
     let err = |message: String| WorkerError::Coordinator { url: url.to_owned(), message };
-    let endpoint = Endpoint::from_shared(url.to_owned())
+    let mut endpoint = Endpoint::from_shared(url.to_owned())
         .map_err(|e| err(format!("not a valid URL ({e}); pass e.g. http://host:port")))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true);
+    match (tls, endpoint.uri().scheme_str()) {
+        (Some(tls), Some("https")) => {
+            let host = endpoint.uri().host().unwrap_or_default().to_owned();
+            endpoint = endpoint
+                .tls_config(tls.client_config(&host))
+                .map_err(|e| err(format!("TLS settings: {}", distclip_proto::tls::error_chain(&e))))?;
+        }
+        (Some(_), _) => return Err(err("TLS is on, so the coordinator URL must start with https://".into())),
+        (None, Some("https")) => {
+            return Err(err("an https:// URL needs TLS settings (--tls-ca, --tls-cert, --tls-key)".into()));
+        }
+        (None, _) => {}
+    }
     let header = token
         .map(|t| {
             format!("Bearer {t}")
@@ -128,6 +149,12 @@ async fn connect(url: &str, token: Option<&str>) -> Result<Client, WorkerError> 
                     .max_decoding_message_size(64 << 20)
                     .max_encoding_message_size(64 << 20));
             }
+            Err(e) if distclip_proto::tls::is_tls_refusal(&e) => {
+                return Err(err(format!(
+                    "the TLS handshake failed ({}); check that --tls-ca signed the coordinator's certificate and that it names the host dialled (or --tls-server-name)",
+                    distclip_proto::tls::error_chain(&e)
+                )));
+            }
             Err(e) if Instant::now() < deadline => {
                 tracing::debug!("coordinator {url} not reachable yet ({e}); retrying in {backoff:?}");
                 tokio::time::sleep(backoff).await;
@@ -135,7 +162,8 @@ async fn connect(url: &str, token: Option<&str>) -> Result<Client, WorkerError> 
             }
             Err(e) => {
                 return Err(err(format!(
-                    "unreachable for {CONNECT_TIMEOUT:?} ({e}); check the address and that the coordinator runs"
+                    "unreachable for {CONNECT_TIMEOUT:?} ({}); check the address and that the coordinator runs",
+                    distclip_proto::tls::error_chain(&e)
                 )));
             }
         }
@@ -353,7 +381,20 @@ impl Link {
 fn rpc_err(url: &str, what: &str) -> impl FnOnce(tonic::Status) -> WorkerError {
     let url = url.to_owned();
     let what = what.to_owned();
-    move |s| WorkerError::Coordinator { url, message: format!("{what}: {} ({:?})", s.message(), s.code()) }
+    move |s| {
+        // A broken connection's status says only "transport error": its cause is in the sources.
+        let mut detail = s.message().to_owned();
+        if let Some(cause) = std::error::Error::source(&s) {
+            let cause = distclip_proto::tls::error_chain(cause);
+            detail = if cause.starts_with(&detail) { cause } else { format!("{detail}: {cause}") };
+        }
+        if distclip_proto::tls::is_tls_refusal(&s) {
+            detail.push_str(
+                "; the TLS session was refused: under --tls-mutual every worker presents --tls-cert and --tls-key signed by the run's --tls-ca",
+            );
+        }
+        WorkerError::Coordinator { url, message: format!("{what}: {detail} ({:?})", s.code()) }
+    }
 }
 
 fn hostname() -> String {
@@ -394,7 +435,7 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
         .map_err(|e| WorkerError::Setup(format!("cannot start the network runtime: {e}")))?;
     let handle = rt.handle().clone();
     let url = opts.coordinator.clone();
-    let comm_opts = CommOptions { token: opts.token.clone(), ..CommOptions::default() };
+    let comm_opts = CommOptions { token: opts.token.clone(), tls: opts.tls.clone(), ..CommOptions::default() };
     let server = rt
         .block_on(PeerServer::bind(opts.listen, comm_opts.clone()))
         .map_err(|e| WorkerError::Setup(format!("data-plane service on {}: {e}", opts.listen)))?;
@@ -405,13 +446,14 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
     let worker_id = opts.worker_id.clone().unwrap_or_else(|| {
         format!("{}-{}-{:04x}", hostname(), std::process::id(), rand::random::<u16>())
     });
-    let mut client = rt.block_on(connect(&url, opts.token.as_deref()))?;
+    let mut client = rt.block_on(connect(&url, opts.token.as_deref(), opts.tls.as_ref()))?;
     let join_req = pb::JoinRequest {
         worker_id: worker_id.clone(),
         peer_address: peer_address.clone(),
         device: opts.device.clone(),
         threads: opts.threads.unwrap_or(0) as u32,
         step: 0,
+        rank_hint: opts.rank_hint,
     };
     let join = rt.block_on(client.join(join_req.clone())).map_err(rpc_err(&url, "join"))?.into_inner();
     let mut link = Link { client: client.clone(), url: url.clone(), join: join_req, rejoined: false };
@@ -452,6 +494,15 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
     let set_state = |step: u64, state: &str| {
         if let Ok(mut g) = beat.lock() {
             *g = (step, state.to_owned());
+        }
+    };
+    // grpc.health.v1 on the data-plane port: SERVING while in a quorum (probes, load
+    // balancers); a step's quorum round trip does not count as leaving it.
+    let mut serving = false;
+    let mut set_serving = |on: bool| {
+        if on != serving {
+            serving = on;
+            rt.block_on(server.set_serving(on));
         }
     };
 
@@ -606,6 +657,7 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
         }
         match pb::StepAction::try_from(q.action).unwrap_or(pb::StepAction::Unspecified) {
             pb::StepAction::Finish => {
+                set_serving(false);
                 final_state = q.run_state;
                 break;
             }
@@ -621,6 +673,7 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
                 continue;
             }
             pb::StepAction::Wait => {
+                set_serving(false);
                 // Shards may come back to the pool (a holder died): read them with a new loader.
                 if feed.as_ref().is_some_and(|f| f.ended) {
                     feed = None;
@@ -653,6 +706,7 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
             })?;
         if !q.heal_from.is_empty() {
             set_state(trainer.step(), "healing");
+            set_serving(false);
             heal(&rt, &mut trainer, &q.heal_from, &comm_opts, q.step)?;
             commit_quorum = q.commit_quorum;
         }
@@ -675,6 +729,7 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
             *current = group.clone();
         }
         set_state(trainer.step(), "training");
+        set_serving(true);
         let t = Instant::now();
         let checksum_before = format!("{:016x}", trainer.checksum());
         let lr = trainer.config().lr_at(trainer.step());

@@ -138,6 +138,7 @@ async fn worker_async(args: Args, rank: usize) -> anyhow::Result<()> {
         max_chunk_bytes: args.chunk_bytes.max(16 << 20),
         token: None,
         transport: args.transport.parse().map_err(anyhow::Error::msg)?,
+        tls: None,
     };
     let server = PeerServer::bind("127.0.0.1:0".parse()?, opts).await?;
     println!("ADDR {}", server.local_addr());

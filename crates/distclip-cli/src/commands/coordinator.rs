@@ -37,27 +37,20 @@ pub struct Args {
     /// state.json continues from that state (a coordinator restart under live workers).
     #[arg(long, value_name = "latest|PATH")]
     pub resume: Option<String>,
+    /// After the run ends, keep serving the status page, metrics and health until stopped
+    /// (SIGINT or SIGTERM) instead of exiting: for a Kubernetes Deployment, which would
+    /// otherwise restart the pod.
+    #[arg(long)]
+    pub keep_serving: bool,
     /// Read the run token from this file (first line) instead of --token / DISTCLIP_TOKEN.
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
     /// Run options.
     #[command(flatten)]
     pub run: RunArgs,
-}
-
-fn token(args: &Args) -> anyhow::Result<Option<String>> {
-    if let Some(p) = &args.token_file {
-        anyhow::ensure!(
-            args.run.token.is_none(),
-            "give the run token with --token or --token-file, not both"
-        );
-        let text = std::fs::read_to_string(p)
-            .with_context(|| format!("reading the token file {}", p.display()))?;
-        let t = text.lines().next().unwrap_or("").trim().to_string();
-        anyhow::ensure!(!t.is_empty(), "the token file {} is empty", p.display());
-        return Ok(Some(t));
-    }
-    Ok(args.run.token())
+    /// TLS on the gRPC port.
+    #[command(flatten)]
+    pub tls: super::security::TlsArgs,
 }
 
 /// Run the coordinator until the run ends or Ctrl-C.
@@ -87,8 +80,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut opts = distclip_coordinator::CoordinatorOptions::new(config, shards, &args.run_dir);
     opts.listen = args.listen.clone();
     opts.http_listen = (args.http_listen != "off").then(|| args.http_listen.clone());
-    opts.token = token(&args)?;
+    opts.token = super::security::token(args.run.token(), args.token_file.as_deref())?;
+    opts.tls = args.tls.load()?;
     opts.resume = args.resume.clone();
+    opts.keep_serving = args.keep_serving;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -101,13 +96,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         eprintln!("coordinator listening on {}", coordinator.local_addr());
         tracing::info!(run_id = %coordinator.run_id(), "coordinator started");
-        let ctrl_c = async {
-            let _ = tokio::signal::ctrl_c().await;
-            tracing::warn!(
-                "Ctrl-C: stopping the coordinator (the run can be resumed from its run directory)"
-            );
+        // Ctrl-C, or SIGTERM from Kubernetes, Slurm or `docker stop`: the run state is on
+        // disk after every call, so stopping loses nothing.
+        let stop = async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            let term = async {
+                match term.as_mut() {
+                    Some(t) => {
+                        t.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            let signal = tokio::select! {
+                _ = tokio::signal::ctrl_c() => "Ctrl-C",
+                _ = term => "SIGTERM",
+            };
+            tracing::warn!("{signal}: stopping the coordinator (the run can be resumed from its run directory)");
         };
-        anyhow::Ok(coordinator.run(ctrl_c).await?)
+        anyhow::Ok(coordinator.run(stop).await?)
     })?;
     super::print_json(&serde_json::json!({
         "run_id": outcome.run_id,

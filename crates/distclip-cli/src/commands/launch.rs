@@ -34,6 +34,14 @@ pub struct Args {
     /// Decode threads per worker.
     #[arg(long)]
     data_threads: Option<usize>,
+    /// Workers needed for training to go on (cluster.min_workers; default: --workers). Below
+    /// it the run waits for replacements.
+    #[arg(long)]
+    min_workers: Option<usize>,
+    /// Replacement processes for workers that died, over the whole run. Unlike torchrun's
+    /// --max-restarts, which restarts every worker, the others keep training meanwhile.
+    #[arg(long, default_value_t = 3)]
+    max_restarts: usize,
     /// Continue a run from a checkpoint: `latest` (the newest good one in RUN_DIR/checkpoints)
     /// or a checkpoint directory. Required to reuse a run directory that already holds a run.
     #[arg(long, value_name = "latest|PATH")]
@@ -41,6 +49,9 @@ pub struct Args {
     /// Run configuration, options and overrides shared with `distclip coordinator`.
     #[command(flatten)]
     run: RunArgs,
+    /// TLS for every process (the certificate must name 127.0.0.1, or pass --tls-server-name).
+    #[command(flatten)]
+    tls: super::security::TlsArgs,
 }
 
 /// How long the coordinator may take to bind and announce its address.
@@ -80,14 +91,29 @@ pub fn run(args: Args, log_format: &str) -> anyhow::Result<()> {
             .context("installing the Ctrl-C handler")?;
     }
 
+    // Check the TLS files once here, so a bad one is reported before any process starts.
+    let tls = args.tls.load()?.is_some();
+    let token = args.run.token();
+
     let mut cmd = Command::new(&exe);
     cmd.arg("--log-format").arg(log_format).arg("coordinator");
     cmd.arg("--data").arg(&args.data).arg("--run-dir").arg(&args.run_dir);
     cmd.arg("--listen").arg("127.0.0.1:0");
     // A free port, so runs side by side (and tests) never collide on the default 7071.
     cmd.arg("--http-listen").arg("127.0.0.1:0");
-    cmd.arg("--min-workers").arg(args.workers.to_string());
+    let min_workers = args.min_workers.unwrap_or(args.workers);
+    anyhow::ensure!(
+        (1..=args.workers).contains(&min_workers),
+        "--min-workers {min_workers} must be between 1 and --workers {}",
+        args.workers
+    );
+    cmd.arg("--min-workers").arg(min_workers.to_string());
     cmd.args(args.run.to_cli_args());
+    cmd.args(args.tls.to_cli_args());
+    // Through the environment, not argv: other users of the machine can read argv.
+    if let Some(token) = &token {
+        cmd.env("DISTCLIP_TOKEN", token);
+    }
     if let Some(r) = &args.resume {
         cmd.arg("--resume").arg(r);
     }
@@ -105,25 +131,37 @@ pub fn run(args: Args, log_format: &str) -> anyhow::Result<()> {
     if let Ok(http) = std::fs::read_to_string(&http_file) {
         tracing::info!("metrics at http://{}/metrics", http.trim());
     }
-    for i in 0..args.workers {
+    let start_worker = |i: usize| -> anyhow::Result<Proc> {
         let device = if args.device == "cuda" { format!("cuda:{i}") } else { args.device.clone() };
         let mut cmd = Command::new(&exe);
         cmd.arg("--log-format").arg(log_format).arg("worker");
-        cmd.arg("--coordinator").arg(format!("http://{coordinator}"));
+        let scheme = if tls { "https" } else { "http" };
+        cmd.arg("--coordinator").arg(format!("{scheme}://{coordinator}"));
+        cmd.args(args.tls.to_cli_args());
         cmd.arg("--listen").arg("127.0.0.1:0").arg("--device").arg(device);
+        // Slot i is rank i whenever it is in the quorum, replacements included.
+        cmd.arg("--rank").arg(i.to_string());
         if let Some(t) = args.threads {
             cmd.arg("--threads").arg(t.to_string());
         }
         if let Some(t) = args.data_threads {
             cmd.arg("--data-threads").arg(t.to_string());
         }
-        if let Some(token) = args.run.token() {
+        if let Some(token) = &token {
             cmd.env("DISTCLIP_TOKEN", token);
         }
-        procs.push(spawn(&format!("worker-{i}"), cmd)?);
+        spawn(&format!("worker-{i}"), cmd)
+    };
+    for i in 0..args.workers {
+        procs.push(start_worker(i)?);
     }
 
-    // Wait: the coordinator decides when the run is over; workers leave when it says so.
+    // Supervise: the coordinator decides when the run is over and workers leave when it says so.
+    // A worker that dies is replaced (up to --max-restarts in all); the run's elastic membership
+    // takes the new one in. A coordinator killed by a signal leaves the workers running: they
+    // wait for it to come back on the same address, restarted by hand.
+    let mut restarts = 0usize;
+    let mut coordinator_lost = false;
     loop {
         if stop.load(Ordering::SeqCst) {
             eprintln!("launch: interrupted, stopping every process");
@@ -138,35 +176,120 @@ pub fn run(args: Args, log_format: &str) -> anyhow::Result<()> {
                 p.status = Some(s);
             }
         }
-        if let Some(s) = procs[0].status {
-            // Give workers the grace period to see the end of the run and leave on their own.
-            let deadline = Instant::now() + STOP_GRACE;
-            while Instant::now() < deadline && procs.iter_mut().any(|p| still_running(p)) {
-                std::thread::sleep(Duration::from_millis(50));
+        let coordinator_status = procs[0].status;
+        if let Some(s) = coordinator_status
+            && !coordinator_lost
+        {
+            if killed_by_signal(s) && procs[1..].iter().any(|p| p.status.is_none()) {
+                coordinator_lost = true;
+                eprintln!(
+                    "launch: the coordinator was killed ({s}); the workers keep retrying it for 120 s. Restart it on the same address:\n  distclip coordinator --data {} --run-dir {} --listen {coordinator} --http-listen 127.0.0.1:0 --min-workers {}{}",
+                    shell_word(&args.data),
+                    shell_word(&args.run_dir.display().to_string()),
+                    min_workers,
+                    restart_flags(&args),
+                );
+            } else {
+                return finish_with_coordinator(&args, &mut procs, s, started, restarts);
             }
+        }
+        for i in 0..args.workers {
+            let p = &procs[i + 1];
+            let died = p.status.is_some_and(|s| !s.success());
+            if died && restarts < args.max_restarts {
+                restarts += 1;
+                eprintln!("launch: starting a replacement for {} (restart {restarts} of {})", p.name, args.max_restarts);
+                procs[i + 1] = start_worker(i)?;
+            }
+        }
+        let workers_done = procs[1..].iter().all(|p| p.status.is_some());
+        if coordinator_lost && workers_done {
+            // The coordinator restarted by hand is not ours to wait for: the run state says how
+            // it ended.
+            let finished = std::fs::read_to_string(args.run_dir.join("state.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .is_some_and(|v| v["finished"] == true);
+            if !finished {
+                bail!(
+                    "every worker has exited and the run is not finished; see {}",
+                    args.run_dir.join("events.jsonl").display()
+                );
+            }
+            return report(&args, &procs, started, restarts);
+        }
+        if !coordinator_lost && workers_done && procs[1..].iter().all(|p| !p.status.is_some_and(|s| s.success())) {
+            eprintln!("launch: every worker has died and --max-restarts ({}) is spent; stopping", args.max_restarts);
             stop_all(&mut procs);
-            let failed: Vec<String> = procs
-                .iter()
-                .filter(|p| !p.status.is_some_and(|s| s.success()))
-                .map(|p| p.name.clone())
-                .collect();
-            if !s.success() {
-                bail!("the coordinator failed ({s}); see {}", args.run_dir.join("events.jsonl").display());
-            }
-            if !failed.is_empty() {
-                // The run finished (the coordinator says so), but a worker did not exit cleanly:
-                // it was replaced or died; the events file tells which.
-                eprintln!("launch: the run finished; processes that did not exit cleanly: {}", failed.join(", "));
-            }
-            super::print_json(&serde_json::json!({
-                "run_dir": args.run_dir.display().to_string(),
-                "status": "finished",
-                "workers": args.workers,
-                "seconds": started.elapsed().as_secs_f64(),
-            }))?;
-            return Ok(());
+            bail!("every worker died; their logs are above");
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The coordinator ended (its own exit, not a kill): give the workers the grace period to see
+/// the end of the run and leave, stop what is left, and report.
+fn finish_with_coordinator(
+    args: &Args,
+    procs: &mut [Proc],
+    status: ExitStatus,
+    started: Instant,
+    restarts: usize,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + STOP_GRACE;
+    while Instant::now() < deadline && procs.iter_mut().any(still_running) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop_all(procs);
+    if !status.success() {
+        bail!("the coordinator failed ({status}); see {}", args.run_dir.join("events.jsonl").display());
+    }
+    report(args, procs, started, restarts)
+}
+
+/// Print the outcome of a finished run as one JSON line.
+fn report(args: &Args, procs: &[Proc], started: Instant, restarts: usize) -> anyhow::Result<()> {
+    let failed: Vec<String> =
+        procs.iter().filter(|p| !p.status.is_some_and(|s| s.success())).map(|p| p.name.clone()).collect();
+    if !failed.is_empty() {
+        // The run finished (the run state says so), but a process did not exit cleanly: it was
+        // killed, replaced or died; the events file tells which.
+        eprintln!("launch: the run finished; processes that did not exit cleanly: {}", failed.join(", "));
+    }
+    super::print_json(&serde_json::json!({
+        "run_dir": args.run_dir.display().to_string(),
+        "status": "finished",
+        "workers": args.workers,
+        "restarts": restarts,
+        "seconds": started.elapsed().as_secs_f64(),
+    }))
+}
+
+/// Whether a process was ended by a signal (kill -9, OOM killer) rather than exiting.
+fn killed_by_signal(s: ExitStatus) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    s.signal().is_some()
+}
+
+/// The options a restarted coordinator needs to run the same run, as command-line text.
+fn restart_flags(args: &Args) -> String {
+    let mut out = String::new();
+    for a in args.run.to_cli_args().into_iter().chain(args.tls.to_cli_args().into_iter().map(|a| a.to_string_lossy().into_owned())) {
+        out.push(' ');
+        out.push_str(&shell_word(&a));
+    }
+    if args.run.token().is_some() {
+        out.push_str("  (with the run token in DISTCLIP_TOKEN)");
+    }
+    out
+}
+
+/// `s` quoted for a POSIX shell when it needs to be.
+fn shell_word(s: &str) -> String {
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./:=,@%+".contains(c)) {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
     }
 }
 

@@ -111,7 +111,8 @@ impl RunArgs {
     }
 
     /// The same options as command-line arguments for a child `distclip coordinator` (what
-    /// `distclip launch` forwards): `--config`, one `--set` per override, and `--token`.
+    /// `distclip launch` forwards): `--config` and one `--set` per override. The token is not
+    /// among them: it goes through the environment, where other users cannot read it.
     pub fn to_cli_args(&self) -> Vec<String> {
         let mut args = Vec::new();
         if let Some(c) = &self.config {
@@ -121,10 +122,6 @@ impl RunArgs {
         for o in self.overrides() {
             args.push("--set".to_string());
             args.push(o);
-        }
-        if let Some(t) = &self.token {
-            args.push("--token".to_string());
-            args.push(t.clone());
         }
         args
     }
@@ -185,9 +182,7 @@ mod tests {
         }
         .to_cli_args();
         assert_eq!(&cli[..2], ["--set", "model.name=\"ViT-B-32\""]);
-        assert_eq!(
-            &cli[cli.len() - 4..],
-            ["--set", "train.batch_size=16", "--token", "t"]
-        );
+        assert_eq!(&cli[cli.len() - 2..], ["--set", "train.batch_size=16"]);
+        assert!(!cli.iter().any(|a| a.contains("token") || a == "t"), "the token never goes on a command line: {cli:?}");
     }
 }

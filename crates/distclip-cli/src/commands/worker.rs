@@ -7,12 +7,16 @@ use std::path::PathBuf;
 use anyhow::Context;
 use distclip_worker::node::{WorkerOptions, run_worker};
 
+use super::cluster_env::ClusterEnv;
+
 /// Arguments of `distclip worker`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Coordinator URL, e.g. `http://10.0.0.1:7070` (`http://` is added when missing).
-    #[arg(long)]
-    coordinator: String,
+    /// Coordinator URL, e.g. `http://10.0.0.1:7070` (`http://`, or `https://` under TLS, is
+    /// added when missing). Default: `DISTCLIP_COORDINATOR`, else `MASTER_ADDR:MASTER_PORT`
+    /// (torchrun, Kubeflow; port 7070 without MASTER_PORT).
+    #[arg(long, env = "DISTCLIP_COORDINATOR")]
+    coordinator: Option<String>,
     /// Address of this worker's data-plane service (port 0: any free port).
     #[arg(long, default_value = "0.0.0.0:0")]
     listen: SocketAddr,
@@ -20,7 +24,8 @@ pub struct Args {
     /// host's name with the bound port).
     #[arg(long)]
     advertise: Option<String>,
-    /// `flex` (pure Rust), `cpu` (libtorch) or `cuda:N` (libtorch).
+    /// `flex` (pure Rust), `cpu` (libtorch) or `cuda:N` (libtorch); `cuda` alone is the GPU
+    /// of this process's local rank (LOCAL_RANK, SLURM_LOCALID; 0 without one).
     #[arg(long, default_value = "flex")]
     device: String,
     /// Compute threads.
@@ -30,11 +35,21 @@ pub struct Args {
     #[arg(long, default_value_t = 2)]
     data_threads: usize,
     /// Run token (also `DISTCLIP_TOKEN`).
-    #[arg(long)]
+    #[arg(long, env = "DISTCLIP_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Read the run token from this file (first line) instead.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// TLS for the coordinator calls and the data plane.
+    #[command(flatten)]
+    tls: super::security::TlsArgs,
     /// Stable worker id (default: host, pid and a random suffix).
     #[arg(long)]
     worker_id: Option<String>,
+    /// Rank hint: workers with hints take ranks in hint order. Default: RANK, SLURM_PROCID,
+    /// JOB_COMPLETION_INDEX (Kubernetes Indexed Job), OMPI_COMM_WORLD_RANK or PMI_RANK.
+    #[arg(long)]
+    rank: Option<u32>,
     /// Where rank 0 also writes the final model as `model.safetensors` (the final checkpoint
     /// is in the run directory's checkpoints/final either way).
     #[arg(long)]
@@ -48,20 +63,45 @@ pub struct Args {
 /// Run the worker until the run finishes.
 pub fn run(args: Args) -> anyhow::Result<()> {
     super::set_threads(args.threads)?;
-    let coordinator = if args.coordinator.contains("://") {
-        args.coordinator.clone()
+    let tls = args.tls.load()?;
+    let env = ClusterEnv::read(|k| std::env::var(k).ok())?;
+    let given = match (&args.coordinator, &env.coordinator) {
+        (Some(c), _) => c.clone(),
+        (None, Some((c, var))) => {
+            tracing::info!("coordinator {c} from {var}");
+            c.clone()
+        }
+        (None, None) => anyhow::bail!(
+            "no coordinator: pass --coordinator HOST:PORT, or set DISTCLIP_COORDINATOR, or MASTER_ADDR (and MASTER_PORT)"
+        ),
+    };
+    let coordinator = if given.contains("://") {
+        given
+    } else if tls.is_some() {
+        format!("https://{given}")
     } else {
-        format!("http://{}", args.coordinator)
+        format!("http://{given}")
+    };
+    let rank_hint = args.rank.or(env.rank.map(|(r, _)| r));
+    if let (Some((n, var)), None) = (env.world_size, args.rank) {
+        tracing::info!("{var}={n}: the coordinator decides the world size (cluster.min_workers, elastic membership)");
+    }
+    let device = if args.device == "cuda" {
+        format!("cuda:{}", env.local_rank.map_or(0, |(r, _)| r))
+    } else {
+        args.device
     };
     let outcome = run_worker(WorkerOptions {
         coordinator,
         listen: args.listen,
         advertise: args.advertise,
-        device: args.device,
+        device,
         threads: args.threads,
         data_threads: args.data_threads,
-        token: args.token.or_else(|| std::env::var("DISTCLIP_TOKEN").ok()).filter(|t| !t.is_empty()),
+        token: super::security::token(args.token, args.token_file.as_deref())?,
+        tls,
         worker_id: args.worker_id,
+        rank_hint,
         save_dir: args.save_dir,
         checkpoint_dir: args.checkpoint_dir,
     })

@@ -21,17 +21,21 @@ pub(super) struct Telemetry {
     /// The most samples ever reported: a commit undone after a restart must not make the
     /// samples counter go down.
     samples_high: u64,
+    /// Samples each worker skipped as bad in committed steps.
+    skipped_by_worker: BTreeMap<String, u64>,
 }
 
 impl Telemetry {
-    /// A committed step: `votes` in rank order with what each measured.
+    /// A committed step: `votes` in rank order with what each measured and how many samples
+    /// it skipped.
     pub(super) fn record_step<'a>(
         &mut self,
-        votes: impl IntoIterator<Item = (&'a str, &'a StepMetrics)>,
+        votes: impl IntoIterator<Item = (&'a str, &'a StepMetrics, u64)>,
         members: &Membership,
     ) {
         let mut first = true;
-        for (id, m) in votes {
+        for (id, m, skipped) in votes {
+            *self.skipped_by_worker.entry(id.to_owned()).or_default() += skipped;
             if first {
                 self.last_step = Some(LastStep {
                     loss: m.loss,
@@ -57,6 +61,7 @@ impl Telemetry {
             );
         }
         self.workers.retain(|id, _| members.contains(id));
+        self.skipped_by_worker.retain(|id, _| members.contains(id));
     }
 
     /// A vote ended without a commit.
@@ -132,6 +137,10 @@ impl Machine {
                     step: m.step,
                     last_heartbeat_age_seconds: now.saturating_duration_since(m.last_seen).as_secs_f64(),
                     last_step: t.workers.get(&m.worker_id).cloned(),
+                    address: m.peer_address.clone(),
+                    device: m.device.clone(),
+                    activity: m.state.clone(),
+                    skipped_samples: t.skipped_by_worker.get(&m.worker_id).copied().unwrap_or(0),
                 })
                 .collect(),
         }
@@ -251,6 +260,8 @@ mod tests {
         assert_eq!((bs.step_seconds, bs.data_wait_seconds, bs.compute_seconds, bs.communication_seconds), (1.0, 0.125, 0.25, 0.125));
         assert_eq!(bs.samples_per_second, 2.0);
         assert_eq!(s.per_worker[0].last_step.as_ref().unwrap().samples_per_second, 6.0);
+        assert_eq!((s.per_worker[0].skipped_samples, b.skipped_samples), (1, 1));
+        assert_eq!((b.address.as_str(), s.per_worker[0].address.as_str()), ("b:1", "a:1"));
 
         // The epoch ends: its skips stay counted under the next epoch's fresh ledger.
         let q = quorum(&mut m, &["a", "b"], 1, t);

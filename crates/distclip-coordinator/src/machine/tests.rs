@@ -43,6 +43,7 @@ fn join(m: &mut Machine, id: &str, step: u64, now: Instant) {
         device: "flex".into(),
         threads: 1,
         step,
+        rank_hint: None,
     };
     m.join(&req, now).unwrap();
 }
