@@ -20,8 +20,10 @@ const K8S_VERSION: &str = "v1.33.0";
 /// The `$id` under which the schemas' `$ref`s find the shared definitions.
 const DEFINITIONS_URI: &str = "https://kubernetes.io/api/_definitions.json";
 
+/// The checkout, read when the test runs: a compile-time path would point at whichever clone
+/// first built this test in a shared target directory.
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo")).join("../..")
 }
 
 fn read(path: &Path) -> String {
