@@ -893,6 +893,18 @@ impl Machine {
                 return;
             } else if one_behind && undoable {
                 self.undo_last_commit();
+            } else if steps.iter().all(|&s| s == 0) && self.step > 1 {
+                // Every live member is fresh: the model trained so far is on no worker.
+                // Going on would train a new model from initialisation over the rest of the
+                // data and overwrite the run's metrics and checkpoints: stop and say how to
+                // continue from a checkpoint instead.
+                self.fail(format!(
+                    "the run is at step {} but every live worker is fresh (step 0): no worker holds the trained model. \
+                     Restart the coordinator with --resume latest to continue from the newest checkpoint \
+                     (set log.checkpoint_every), or start a new run directory",
+                    self.step
+                ));
+                return;
             } else {
                 let to = steps.iter().next_back().copied().unwrap_or(0);
                 let from = asked.iter().find(|(_, p)| p.step == to).map(|(_, p)| p.commit_quorum).unwrap_or(0);

@@ -938,3 +938,30 @@ fn a_fresh_lease_request_returns_the_workers_old_leases() {
     assert_eq!(released.len(), 1, "{events:?}");
     assert_eq!(released[0].fields["released_shards"].as_array().unwrap().len(), 2);
 }
+
+#[test]
+fn fresh_workers_alone_do_not_restart_a_trained_run_from_initialisation() {
+    // Two committed steps, then the coordinator restarts and only fresh workers come.
+    let (mut m, t, q) = two_training(3);
+    lease(&mut m, "a", 1, t);
+    lease(&mut m, "b", 1, t);
+    vote(&mut m, "a", &q, &[(0, &[0])], vec![], t);
+    assert!(vote(&mut m, "b", &q, &[(1, &[0])], vec![], t).unwrap().commit);
+    let (ta, tb) = (ask(&mut m, "a", 1, 0, true, t), ask(&mut m, "b", 1, 0, true, t));
+    let q = answer(&m, "a", ta);
+    answer(&m, "b", tb);
+    vote(&mut m, "a", &q, &[(0, &[1])], vec![], t);
+    assert!(vote(&mut m, "b", &q, &[(1, &[1])], vec![], t).unwrap().commit);
+    assert_eq!(m.step(), 2);
+    let t2 = ms(t, 1000);
+    let mut r = Machine::resume(cfg(), String::new(), shards(3), m.snapshot(), t2).unwrap();
+    join(&mut r, "c", 0, t2);
+    join(&mut r, "d", 0, t2);
+    ask(&mut r, "c", 0, 0, true, t2);
+    ask(&mut r, "d", 0, 0, true, t2);
+    match r.phase() {
+        Phase::Failed(e) => assert!(e.contains("every live worker is fresh") && e.contains("--resume latest"), "{e}"),
+        other => panic!("the run went on as {other:?}: a model from initialisation would overwrite the trained one"),
+    }
+    assert_eq!(r.step(), 2, "the run state is left as it was, for --resume");
+}
