@@ -41,6 +41,10 @@ pub struct Args {
     /// Bytes per frame (pipelining granularity).
     #[arg(long, default_value_t = 1 << 20)]
     chunk_bytes: usize,
+    /// TLS between the ranks (then bytes travel on gRPC streams, whatever --transport says):
+    /// what encryption costs.
+    #[command(flatten)]
+    tls: super::security::TlsArgs,
     /// Internal: run as this rank of a benchmark started by the parent command.
     #[arg(long, hide = true)]
     worker_rank: Option<usize>,
@@ -72,6 +76,7 @@ fn parent(args: Args) -> anyhow::Result<()> {
             .args(["--op", &args.op, "--iters", &args.iters.to_string(), "--warmup", &args.warmup.to_string()])
             .args(["--transport", &args.transport, "--chunk-bytes", &args.chunk_bytes.to_string()])
             .args(["--worker-rank", &rank.to_string()])
+            .args(args.tls.to_cli_args())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -138,7 +143,7 @@ async fn worker_async(args: Args, rank: usize) -> anyhow::Result<()> {
         max_chunk_bytes: args.chunk_bytes.max(16 << 20),
         token: None,
         transport: args.transport.parse().map_err(anyhow::Error::msg)?,
-        tls: None,
+        tls: args.tls.load()?,
     };
     let server = PeerServer::bind("127.0.0.1:0".parse()?, opts).await?;
     println!("ADDR {}", server.local_addr());
@@ -198,7 +203,13 @@ async fn worker_async(args: Args, rank: usize) -> anyhow::Result<()> {
         "bytes": args.bytes,
         "iterations": args.iters,
         "warmup": args.warmup,
-        "transport": args.transport,
+        // Under TLS the bytes go on gRPC streams whatever --transport asked.
+        "transport": if args.tls.tls_ca.is_some() { "grpc" } else { args.transport.as_str() },
+        "tls": match (args.tls.tls_ca.is_some(), args.tls.tls_mutual) {
+            (false, _) => "off",
+            (true, false) => "tls",
+            (true, true) => "mutual",
+        },
         "chunk_bytes": args.chunk_bytes,
         "seconds": seconds,
         "algbw_GBps": algbw,
