@@ -45,8 +45,8 @@ fn jpeg(w: u32, h: u32, seed: u8) -> Vec<u8> {
 fn read_shard(path: &Path) -> Vec<(String, Vec<String>)> {
     let f = std::fs::File::open(path).unwrap();
     ShardReader::new(f, 0, 0)
-        .filter_map(|e| match e {
-            ShardEvent::Sample(s) => Some((s.key, s.members.into_iter().map(|(e, _)| e).collect())),
+        .map(|e| match e {
+            ShardEvent::Sample(s) => (s.key, s.members.into_iter().map(|(e, _)| e).collect()),
             other => panic!("unexpected {other:?}"),
         })
         .collect()

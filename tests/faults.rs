@@ -45,7 +45,7 @@ fn children(parent: u32, word: &str) -> Vec<u32> {
         let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        if ppid == Some(parent) && args.iter().any(|a| *a == word.as_bytes()) {
+        if ppid == Some(parent) && args.contains(&word.as_bytes()) {
             out.push(pid);
         }
     }

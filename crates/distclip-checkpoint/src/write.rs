@@ -125,7 +125,7 @@ pub fn prune(root: &Path, keep: usize) -> Result<Vec<PathBuf>, CheckpointError> 
     if keep == 0 {
         return Ok(removed);
     }
-    steps.sort_by(|a, b| b.0.cmp(&a.0));
+    steps.sort_by_key(|s| std::cmp::Reverse(s.0));
     for (_, path) in steps.into_iter().skip(keep) {
         fs::remove_dir_all(&path).map_err(io(&path))?;
         removed.push(path);

@@ -382,10 +382,11 @@ impl RunConfig {
         if !(0.0..1.0).contains(&self.train.beta1) || !(0.0..1.0).contains(&self.train.beta2) {
             return bad("train.beta1", "betas must lie in [0, 1)");
         }
-        if !(self.train.eps > 0.0) {
+        // NaN fails too.
+        if self.train.eps.is_nan() || self.train.eps <= 0.0 {
             return bad("train.eps", "must be > 0");
         }
-        if self.train.grad_clip_norm.is_some_and(|c| !(c > 0.0)) {
+        if self.train.grad_clip_norm.is_some_and(|c| c.is_nan() || c <= 0.0) {
             return bad("train.grad_clip_norm", "must be > 0 (omit it to disable clipping)");
         }
         if self.eval.batch_size == 0 {

@@ -1306,7 +1306,7 @@ impl Machine {
                 Ok(()) => {
                     self.non_finite_streak = 0;
                     let every = self.cfg.checkpoint_every;
-                    let due = every > 0 && self.step % every == 0;
+                    let due = every > 0 && self.step.is_multiple_of(every);
                     if due {
                         self.event("checkpoint_due", json!({"after_step": self.step}));
                     }

@@ -43,10 +43,11 @@ impl ZeroShotFile {
         if f.spec.is_empty() {
             return Err(err("`spec` is empty: name the labelled shards".into()));
         }
-        if !f.spec.contains("://") && !Path::new(&f.spec).is_absolute() {
-            if let Some(dir) = path.parent() {
-                f.spec = dir.join(&f.spec).display().to_string();
-            }
+        if !f.spec.contains("://")
+            && !Path::new(&f.spec).is_absolute()
+            && let Some(dir) = path.parent()
+        {
+            f.spec = dir.join(&f.spec).display().to_string();
         }
         for t in &f.tasks {
             if t.classnames.is_empty() || t.templates.is_empty() {

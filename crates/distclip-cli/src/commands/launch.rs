@@ -294,10 +294,10 @@ fn shell_word(s: &str) -> String {
 }
 
 fn still_running(p: &mut Proc) -> bool {
-    if p.status.is_none() {
-        if let Ok(Some(s)) = p.child.try_wait() {
-            p.status = Some(s);
-        }
+    if p.status.is_none()
+        && let Ok(Some(s)) = p.child.try_wait()
+    {
+        p.status = Some(s);
     }
     p.status.is_none()
 }

@@ -113,7 +113,7 @@ mod tests {
         for _ in 0..60 {
             let r = next(&mut s);
             let id = ids[(r % 4) as usize].to_string();
-            let big = |x: u64| if x % 3 == 0 { u64::MAX - (x % 5) } else { x % 6 };
+            let big = |x: u64| if x.is_multiple_of(3) { u64::MAX - (x % 5) } else { x % 6 };
             let advance = (r >> 8) as u8 % 40;
             let rec = match (r >> 16) % 8 {
                 0 => record(0, advance, &JoinRequest { worker_id: id.clone(), peer_address: format!("{id}:1"), step: big(r >> 20), ..Default::default() }),
