@@ -95,13 +95,9 @@ mod tests {
         out
     }
 
-    /// splitmix64: a seeded stream, so a failing input can be rebuilt from its seed.
+    /// A seeded stream (the ledger's own generator), so a failing input can be rebuilt.
     fn next(state: &mut u64) -> u64 {
-        *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = *state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        crate::ledger::splitmix64(state)
     }
 
     /// Well-formed messages with hostile values: unknown workers, steps and quorums far off,
