@@ -1,7 +1,10 @@
 //! Faults a run must survive or stop on cleanly, through `distclip launch`.
 
 mod common;
-use common::{jsonl, synth, tmp};
+use common::{jsonl, synth, tmp, wait_until};
+
+/// How long any one stage of a test may take.
+const LIMIT: std::time::Duration = std::time::Duration::from_secs(300);
 
 use serde_json::Value;
 
@@ -52,15 +55,6 @@ fn children(parent: u32, word: &str) -> Vec<u32> {
     out
 }
 
-/// Wait (at most 300 s) until `done` holds; `what` names it in the failure.
-fn wait_until(what: &str, log: &std::path::Path, mut done: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
-    while !done() {
-        assert!(std::time::Instant::now() < deadline, "{what} within 300 s; launch's log:\n{}", std::fs::read_to_string(log).unwrap_or_default());
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-}
-
 /// `distclip launch` as an operator meets it: kill -9 a worker and launch starts a replacement
 /// that the run takes in; kill -9 the coordinator and launch keeps the workers, prints how to
 /// restart it, and the coordinator restarted by hand with that command finishes the run. No
@@ -87,18 +81,18 @@ fn launch_outlives_kill_9_of_a_worker_and_of_the_coordinator() {
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
     let kill9 = |p: u32| assert!(Command::new("kill").args(["-9", &p.to_string()]).status().unwrap().success());
 
-    wait_until("step 5", &log, || steps() >= 5);
+    wait_until("step 5", LIMIT, &log, || steps() >= 5);
     let workers = children(pid, "worker");
     assert_eq!(workers.len(), 2, "{workers:?}");
     kill9(workers[0]);
-    wait_until("a replacement worker", &log, || log_text().contains("starting a replacement for worker-0"));
+    wait_until("a replacement worker", LIMIT, &log, || log_text().contains("starting a replacement for worker-0"));
     let at = steps();
-    wait_until("progress after the replacement", &log, || steps() >= at + 6);
+    wait_until("progress after the replacement", LIMIT, &log, || steps() >= at + 6);
 
     let coordinator = children(pid, "coordinator");
     assert_eq!(coordinator.len(), 1, "{coordinator:?}");
     kill9(coordinator[0]);
-    wait_until("the restart command", &log, || log_text().contains("Restart it on the same address"));
+    wait_until("the restart command", LIMIT, &log, || log_text().contains("Restart it on the same address"));
     let text = log_text();
     let command = text
         .lines()

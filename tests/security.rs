@@ -5,7 +5,7 @@
 //! trains the run to the end. Neither token reaches the events or the coordinator's log.
 
 mod common;
-use common::{finished_json, jsonl, ok_json, synth, tmp};
+use common::{finished_json, jsonl, ok_json, synth, tmp, wait_until};
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -37,6 +37,7 @@ fn refused(addr: &str, token: &str, tls: &[String], log: &Path) -> String {
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
         .unwrap();
+    // Not `wait_until`: a worker that was let in must be killed, not left training.
     let deadline = Instant::now() + Duration::from_secs(60);
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
@@ -74,11 +75,7 @@ fn mutual_tls_run_trains_and_turns_strangers_away() {
         .spawn()
         .unwrap();
     let addr_file = run.join("coordinator.addr");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !addr_file.exists() {
-        assert!(Instant::now() < deadline, "no coordinator.addr:\n{}", std::fs::read_to_string(&coordinator_log).unwrap());
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until("coordinator.addr", Duration::from_secs(60), &coordinator_log, || addr_file.exists());
     let addr = std::fs::read_to_string(&addr_file).unwrap().trim().to_owned();
 
     let wrong_token = refused(&addr, WRONG, &ours, &dir.join("w-token.log"));

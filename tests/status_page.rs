@@ -8,7 +8,7 @@
 //! which makes a missing browser a failure.
 
 mod common;
-use common::{synth, tmp};
+use common::{synth, tmp, wait_until};
 
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
@@ -156,11 +156,8 @@ fn status_page_shows_a_live_run() {
     let launch = Guard(launch);
     let http_file = run.join("coordinator.http");
     let steps = || std::fs::read_to_string(run.join("metrics.jsonl")).map(|s| s.lines().count()).unwrap_or(0);
+    wait_until("2 committed steps", Duration::from_secs(300), &log, || http_file.exists() && steps() >= 2);
     let deadline = Instant::now() + Duration::from_secs(300);
-    while !http_file.exists() || steps() < 2 {
-        assert!(Instant::now() < deadline, "the run made no 2 steps in 300 s:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
-        std::thread::sleep(Duration::from_millis(50));
-    }
     let url = format!("http://{}/", std::fs::read_to_string(&http_file).unwrap().trim());
 
     let (_browser, mut page) = Page::open(&browser, &dir.join("profile"), &url);

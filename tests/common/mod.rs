@@ -171,3 +171,17 @@ pub fn finished_json(mut child: std::process::Child, what: &str, log: &Path) -> 
     assert!(out.status.success(), "{what} failed ({}); its log:\n{tail}", out.status);
     serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{what}: no JSON ({e}): {stdout}"))
 }
+
+/// Poll `done` every 20 ms until it holds; after `limit` fail, naming `what` and showing the
+/// log file of the process being waited for.
+pub fn wait_until(what: &str, limit: std::time::Duration, log: &Path, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} within {limit:?}; the log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
