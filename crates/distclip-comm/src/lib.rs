@@ -127,5 +127,10 @@ impl CommOptions {
 /// Version of the data-plane wire protocol; peers refuse channels of another version.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// The `grpc.health.v1` service name that is SERVING whenever a worker's server answers at all,
+/// in or out of a quorum: for liveness probes (readiness asks for `""`, which is SERVING only in
+/// a quorum, and a liveness probe on it would restart every worker that waits for peers).
+pub const LIVENESS_SERVICE: &str = "liveness";
+
 /// gRPC metadata key that carries the run's token.
 pub const TOKEN_METADATA_KEY: &str = "x-distclip-token";

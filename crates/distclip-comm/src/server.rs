@@ -124,6 +124,7 @@ impl PeerServer {
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_not_serving::<PeerService<Service>>().await;
         health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        health.set_service_status(crate::LIVENESS_SERVICE, tonic_health::ServingStatus::Serving).await;
         let grpc_task = tokio::spawn(async move {
             let served = builder
                 .initial_stream_window_size(Some(H2_STREAM_WINDOW))

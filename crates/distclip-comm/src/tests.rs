@@ -386,9 +386,11 @@ async fn health_follows_set_serving_without_a_token() {
         async move { h.check(HealthCheckRequest { service }).await.unwrap().into_inner().status }
     };
     assert_eq!(status("").await, ServingStatus::NotServing as i32, "not in a quorum yet");
+    assert_eq!(status(crate::LIVENESS_SERVICE).await, ServingStatus::Serving as i32, "alive all the same");
     srv.set_serving(true).await;
     assert_eq!(status("").await, ServingStatus::Serving as i32);
     assert_eq!(status("distclip.v1.Peer").await, ServingStatus::Serving as i32);
     srv.set_serving(false).await;
     assert_eq!(status("distclip.v1.Peer").await, ServingStatus::NotServing as i32);
+    assert_eq!(status(crate::LIVENESS_SERVICE).await, ServingStatus::Serving as i32);
 }
