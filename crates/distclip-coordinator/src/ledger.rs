@@ -539,10 +539,12 @@ impl EpochLedger {
     /// The audit written to `ledger/epoch-N.json`.
     pub fn audit(&self) -> serde_json::Value {
         let mut exact_all = true;
+        let mut no_overlap = true;
         let mut shards = Vec::new();
         let (mut committed, mut skipped, mut total) = (0u64, 0u64, 0u64);
         for s in &self.shards {
             let overlap = s.committed.intersection_len(&s.skipped);
+            no_overlap &= overlap == 0;
             let exact = s.failed.is_none()
                 && overlap == 0
                 && s.total.is_some_and(|t| s.done().is_exactly(t));
@@ -568,6 +570,9 @@ impl EpochLedger {
             "epoch": self.epoch,
             "complete": self.is_complete(),
             "exactly_once": exact_all && counted_once && self.is_complete(),
+            // What holds for an epoch cut short too: no position was counted twice or both
+            // committed and skipped.
+            "at_most_once": no_overlap && counted_once,
             "shards_total": self.shards.len(),
             "samples_total": total,
             "samples_committed": committed,

@@ -998,6 +998,13 @@ impl Machine {
 
     fn decide_action(&mut self, target: u64, requests: &[Pending]) -> StepAction {
         if self.cfg.max_steps.is_some_and(|m| target >= m) {
+            // The epoch the run stops in gets its audit too (`complete` says whether it was
+            // read to the end), so a run cut by max_steps can still be checked for losses.
+            if let Data::Exact(l) = &self.data
+                && self.epoch < self.cfg.epochs
+            {
+                self.outbox.audits.push((self.epoch, l.audit()));
+            }
             self.finish("train.max_steps reached");
             return StepAction::Finish;
         }

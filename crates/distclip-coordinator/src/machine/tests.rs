@@ -573,7 +573,15 @@ fn finish_on_max_steps() {
     );
     let f = ask_now(&mut m, "a", 1, t);
     assert_eq!(action(&f), StepAction::Finish);
-    assert!(kinds(&mut m).contains(&"finish"));
+    let out = m.take_outbox();
+    assert!(out.events.iter().any(|e| e.kind == "finish"));
+    // The epoch cut short by max_steps is audited: one sample committed once, not complete.
+    let [(epoch, audit)] = &out.audits[..] else { panic!("one audit: {:?}", out.audits) };
+    assert_eq!(*epoch, 0);
+    assert_eq!(audit["complete"], false);
+    assert_eq!(audit["exactly_once"], false);
+    assert_eq!(audit["at_most_once"], true);
+    assert_eq!(audit["samples_committed"], 1);
 }
 
 #[test]
