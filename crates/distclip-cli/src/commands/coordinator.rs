@@ -27,7 +27,7 @@ pub struct Args {
     #[arg(long, default_value = "0.0.0.0:7071", value_name = "ADDR")]
     pub http_listen: String,
     /// Workers needed before training starts (cluster.min_workers).
-    #[arg(long)]
+    #[arg(long, env = "DISTCLIP_MIN_WORKERS")]
     pub min_workers: Option<usize>,
     /// Refuse workers beyond this many (cluster.max_workers; 0: no limit).
     #[arg(long)]

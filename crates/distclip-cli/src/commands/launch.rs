@@ -38,8 +38,9 @@ pub struct Args {
     /// it the run waits for replacements.
     #[arg(long)]
     min_workers: Option<usize>,
-    /// Replacement processes for workers that died, over the whole run. Unlike torchrun's
-    /// --max-restarts, which restarts every worker, the others keep training meanwhile.
+    /// Restarts over the whole run: a replacement for a worker that died, or the coordinator
+    /// again after a kill. Unlike torchrun's --max-restarts, which restarts every worker, the
+    /// others keep training meanwhile.
     #[arg(long, default_value_t = 3)]
     max_restarts: usize,
     /// Continue a run from a checkpoint: `latest` (the newest good one in RUN_DIR/checkpoints)
@@ -95,29 +96,36 @@ pub fn run(args: Args, log_format: &str) -> anyhow::Result<()> {
     let tls = args.tls.load()?.is_some();
     let token = args.run.token();
 
-    let mut cmd = Command::new(&exe);
-    cmd.arg("--log-format").arg(log_format).arg("coordinator");
-    cmd.arg("--data").arg(&args.data).arg("--run-dir").arg(&args.run_dir);
-    cmd.arg("--listen").arg("127.0.0.1:0");
-    // A free port, so runs side by side (and tests) never collide on the default 7071.
-    cmd.arg("--http-listen").arg("127.0.0.1:0");
     let min_workers = args.min_workers.unwrap_or(args.workers);
     anyhow::ensure!(
         (1..=args.workers).contains(&min_workers),
         "--min-workers {min_workers} must be between 1 and --workers {}",
         args.workers
     );
-    cmd.arg("--min-workers").arg(min_workers.to_string());
-    cmd.args(args.run.to_cli_args());
-    cmd.args(args.tls.to_cli_args());
-    // Through the environment, not argv: other users of the machine can read argv.
-    if let Some(token) = &token {
-        cmd.env("DISTCLIP_TOKEN", token);
-    }
-    if let Some(r) = &args.resume {
-        cmd.arg("--resume").arg(r);
-    }
-    let mut procs = vec![spawn("coordinator", cmd)?];
+    // `listen` is port 0 the first time; a restart takes the address the workers know, and
+    // continues from state.json rather than from `--resume` again.
+    let coordinator_cmd = |listen: &str, resume: Option<&str>| {
+        let mut cmd = Command::new(&exe);
+        cmd.arg("--log-format").arg(log_format).arg("coordinator");
+        cmd.arg("--data").arg(&args.data).arg("--run-dir").arg(&args.run_dir);
+        cmd.arg("--listen").arg(listen);
+        // A free port, so runs side by side (and tests) never collide on the default 7071.
+        cmd.arg("--http-listen").arg("127.0.0.1:0");
+        // Through the environment rather than --min-workers, so the word "worker" is in no
+        // coordinator argv: `pkill -f worker` then hits workers only.
+        cmd.env("DISTCLIP_MIN_WORKERS", min_workers.to_string());
+        cmd.args(args.run.to_cli_args());
+        cmd.args(args.tls.to_cli_args());
+        // Through the environment, not argv: other users of the machine can read argv.
+        if let Some(token) = &token {
+            cmd.env("DISTCLIP_TOKEN", token);
+        }
+        if let Some(r) = resume {
+            cmd.arg("--resume").arg(r);
+        }
+        cmd
+    };
+    let mut procs = vec![spawn("coordinator", coordinator_cmd("127.0.0.1:0", args.resume.as_deref()))?];
 
     let coordinator = match wait_for_address(&addr_file, &mut procs[0], &stop) {
         Ok(a) => a,
@@ -158,10 +166,10 @@ pub fn run(args: Args, log_format: &str) -> anyhow::Result<()> {
 
     // Supervise: the coordinator decides when the run is over and workers leave when it says so.
     // A worker that dies is replaced (up to --max-restarts in all); the run's elastic membership
-    // takes the new one in. A coordinator killed by a signal leaves the workers running: they
-    // wait for it to come back on the same address, restarted by hand.
+    // takes the new one in. A coordinator killed by a signal (kill -9, the OOM killer) is
+    // restarted on the address the workers know; it continues from the run state it persisted,
+    // and the workers, which ride out a coordinator outage, join it again.
     let mut restarts = 0usize;
-    let mut coordinator_lost = false;
     loop {
         if stop.load(Ordering::SeqCst) {
             eprintln!("launch: interrupted, stopping every process");
@@ -176,21 +184,27 @@ pub fn run(args: Args, log_format: &str) -> anyhow::Result<()> {
                 p.status = Some(s);
             }
         }
-        let coordinator_status = procs[0].status;
-        if let Some(s) = coordinator_status
-            && !coordinator_lost
-        {
-            if killed_by_signal(s) && procs[1..].iter().any(|p| p.status.is_none()) {
-                coordinator_lost = true;
-                eprintln!(
-                    "launch: the coordinator was killed ({s}); the workers keep retrying it for 120 s. Restart it on the same address:\n  distclip coordinator --data {} --run-dir {} --listen {coordinator} --http-listen 127.0.0.1:0 --min-workers {}{}",
-                    shell_word(&args.data),
-                    shell_word(&args.run_dir.display().to_string()),
-                    min_workers,
-                    restart_flags(&args),
-                );
-            } else {
+        if let Some(s) = procs[0].status {
+            if !killed_by_signal(s) {
                 return finish_with_coordinator(&args, &mut procs, s, started, restarts);
+            }
+            if restarts >= args.max_restarts {
+                stop_all(&mut procs);
+                bail!(
+                    "the coordinator was killed ({s}) and --max-restarts ({}) is spent; continue the run with the same command and --resume latest",
+                    args.max_restarts
+                );
+            }
+            restarts += 1;
+            eprintln!(
+                "launch: the coordinator was killed ({s}); restarting it on {coordinator} from its run state (restart {restarts} of {})",
+                args.max_restarts
+            );
+            let _ = std::fs::remove_file(&addr_file);
+            procs[0] = spawn("coordinator", coordinator_cmd(&coordinator, None))?;
+            if let Err(e) = wait_for_address(&addr_file, &mut procs[0], &stop) {
+                stop_all(&mut procs);
+                return Err(e.context("restarting the coordinator"));
             }
         }
         for i in 0..args.workers {
@@ -203,22 +217,7 @@ pub fn run(args: Args, log_format: &str) -> anyhow::Result<()> {
             }
         }
         let workers_done = procs[1..].iter().all(|p| p.status.is_some());
-        if coordinator_lost && workers_done {
-            // The coordinator restarted by hand is not ours to wait for: the run state says how
-            // it ended.
-            let finished = std::fs::read_to_string(args.run_dir.join("state.json"))
-                .ok()
-                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-                .is_some_and(|v| v["finished"] == true);
-            if !finished {
-                bail!(
-                    "every worker has exited and the run is not finished; see {}",
-                    args.run_dir.join("events.jsonl").display()
-                );
-            }
-            return report(&args, &procs, started, restarts);
-        }
-        if !coordinator_lost && workers_done && procs[1..].iter().all(|p| !p.status.is_some_and(|s| s.success())) {
+        if workers_done && procs[1..].iter().all(|p| !p.status.is_some_and(|s| s.success())) {
             eprintln!("launch: every worker has died and --max-restarts ({}) is spent; stopping", args.max_restarts);
             stop_all(&mut procs);
             bail!("every worker died; their logs are above");
@@ -269,28 +268,6 @@ fn report(args: &Args, procs: &[Proc], started: Instant, restarts: usize) -> any
 fn killed_by_signal(s: ExitStatus) -> bool {
     use std::os::unix::process::ExitStatusExt;
     s.signal().is_some()
-}
-
-/// The options a restarted coordinator needs to run the same run, as command-line text.
-fn restart_flags(args: &Args) -> String {
-    let mut out = String::new();
-    for a in args.run.to_cli_args().into_iter().chain(args.tls.to_cli_args().into_iter().map(|a| a.to_string_lossy().into_owned())) {
-        out.push(' ');
-        out.push_str(&shell_word(&a));
-    }
-    if args.run.token().is_some() {
-        out.push_str("  (with the run token in DISTCLIP_TOKEN)");
-    }
-    out
-}
-
-/// `s` quoted for a POSIX shell when it needs to be.
-fn shell_word(s: &str) -> String {
-    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./:=,@%+".contains(c)) {
-        s.to_owned()
-    } else {
-        format!("'{}'", s.replace('\'', "'\\''"))
-    }
 }
 
 fn still_running(p: &mut Proc) -> bool {
