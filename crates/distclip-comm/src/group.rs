@@ -13,11 +13,11 @@
 use std::ops::Range;
 
 use distclip_proto::v1::{DType, FrameKind, OpenChannelRequest, TensorChunk};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout, timeout_at};
 
-use crate::server::{ChannelKey, connect_client, request, stale_quorum_of};
+use crate::server::{ChannelKey, DATA_ALPN, connect_client, request, stale_quorum_of};
 use crate::wire::{HEADER_LEN, Header, Rx, Tx};
 use crate::{CommError, CommOptions, PROTOCOL_VERSION, PeerId, PeerServer, Transport};
 
@@ -502,6 +502,25 @@ impl Group {
     }
 }
 
+/// Present the ticket on a new framed TCP channel and wait for the receiver's acknowledgement;
+/// the stream then only sends.
+async fn say_hello<S>(mut s: S, hello: &Header) -> Result<Box<dyn AsyncWrite + Send + Unpin>, String>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    s.write_all(&hello.encode()).await.map_err(|e| e.to_string())?;
+    s.flush().await.map_err(|e| e.to_string())?;
+    let mut ack = [0u8; HEADER_LEN];
+    s.read_exact(&mut ack).await.map_err(|e| format!("no answer to the hello: {e}"))?;
+    let h = Header::decode(&ack)?;
+    if h.kind != FrameKind::Hello {
+        let mut msg = vec![0u8; h.len.min(4096) as usize];
+        let _ = s.read_exact(&mut msg).await;
+        return Err(format!("channel refused: {}", String::from_utf8_lossy(&msg)));
+    }
+    Ok(Box::new(s))
+}
+
 /// Open the data channel to the right neighbour: `OpenChannel` over gRPC for a ticket, then the
 /// chosen transport. A peer that is not listening yet is retried until `deadline`.
 async fn open_tx(spec: &GroupSpec, right: usize, opts: &CommOptions, deadline: Instant, op: &str) -> Result<Tx, CommError> {
@@ -514,7 +533,7 @@ async fn open_tx(spec: &GroupSpec, right: usize, opts: &CommOptions, deadline: I
         to_rank: right as u32,
         world_size: spec.peers.len() as u32,
         protocol_version: PROTOCOL_VERSION,
-        transport: opts.sending_transport().as_str().into(),
+        transport: opts.transport.as_str().into(),
     };
     let mut backoff = std::time::Duration::from_millis(5);
     let mut last_err = String::new();
@@ -555,21 +574,24 @@ async fn open_tx(spec: &GroupSpec, right: usize, opts: &CommOptions, deadline: I
         len: 0,
         aux: ticket,
     };
-    match opts.sending_transport() {
+    match opts.transport {
         Transport::Tcp => {
             let conn = async {
-                let mut s = TcpStream::connect(addr.as_str()).await.map_err(|e| e.to_string())?;
+                let s = TcpStream::connect(addr.as_str()).await.map_err(|e| e.to_string())?;
                 let _ = s.set_nodelay(true);
-                s.write_all(&hello.encode()).await.map_err(|e| e.to_string())?;
-                let mut ack = [0u8; HEADER_LEN];
-                s.read_exact(&mut ack).await.map_err(|e| format!("no answer to the hello: {e}"))?;
-                let h = Header::decode(&ack)?;
-                if h.kind != FrameKind::Hello {
-                    let mut msg = vec![0u8; h.len.min(4096) as usize];
-                    let _ = s.read_exact(&mut msg).await;
-                    return Err(format!("channel refused: {}", String::from_utf8_lossy(&msg)));
+                match &opts.tls {
+                    None => say_hello(s, &hello).await,
+                    Some(tls) => {
+                        let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
+                        let name = tls.server_name_for(host)?;
+                        let connector = tokio_rustls::TlsConnector::from(tls.rustls_client(&[DATA_ALPN])?);
+                        let s = tokio::time::timeout(tls.handshake_timeout(), connector.connect(name, s))
+                            .await
+                            .map_err(|_| "the TLS handshake timed out".to_string())?
+                            .map_err(|e| format!("TLS handshake: {}", distclip_proto::tls::error_chain(&e)))?;
+                        say_hello(s, &hello).await
+                    }
                 }
-                Ok(s)
             };
             match timeout_at(deadline, conn).await {
                 Ok(Ok(s)) => Ok(Tx::Tcp(s)),

@@ -72,10 +72,10 @@ pub struct CommOptions {
     /// Largest payload accepted in one frame or message; bigger ones are refused as malformed.
     pub max_chunk_bytes: usize,
     /// The run's token. When set, the server refuses RPCs and data channels without it, and
-    /// clients send it with every call (metadata `x-distclip-token`).
+    /// clients send it with every call (`authorization: Bearer <token>`).
     pub token: Option<String>,
-    /// How this side sends tensor bytes (each receiver accepts both). With `tls` set, bytes
-    /// always travel on gRPC, whatever this says: the framed TCP stream has no encryption.
+    /// How this side sends tensor bytes (each receiver accepts both). With `tls` set, both are
+    /// encrypted: framed TCP channels do their own TLS handshake on the server's port.
     pub transport: Transport,
     /// TLS (mutual when its settings say so) on the server and every call; None: plaintext.
     pub tls: Option<distclip_proto::tls::Tls>,
@@ -113,11 +113,6 @@ impl CommOptions {
         Ok(())
     }
 
-    /// The transport this side sends on: gRPC under TLS (see [`CommOptions::transport`]).
-    pub(crate) fn sending_transport(&self) -> Transport {
-        if self.tls.is_some() { Transport::Grpc } else { self.transport }
-    }
-
     /// The per-piece element count for f32 collectives.
     pub(crate) fn piece_elems(&self) -> usize {
         self.chunk_bytes / 4
@@ -131,6 +126,3 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// in or out of a quorum: for liveness probes (readiness asks for `""`, which is SERVING only in
 /// a quorum, and a liveness probe on it would restart every worker that waits for peers).
 pub const LIVENESS_SERVICE: &str = "liveness";
-
-/// gRPC metadata key that carries the run's token.
-pub const TOKEN_METADATA_KEY: &str = "x-distclip-token";

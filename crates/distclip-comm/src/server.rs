@@ -1,6 +1,8 @@
 //! The per-process data-plane server: one TCP port that serves gRPC (`distclip.v1.Peer` and
-//! `grpc.health.v1`) and accepts framed TCP data channels, told apart by their first four
-//! bytes. Under TLS every connection is gRPC.
+//! `grpc.health.v1`) and accepts framed TCP data channels. In plaintext they are told apart by
+//! their first four bytes; under TLS this server does the handshake itself and tells them apart
+//! by the protocol the caller asked for in it (ALPN: `h2` or [`DATA_ALPN`]), then hands gRPC
+//! connections, already decrypted, to tonic.
 
 use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
@@ -16,19 +18,23 @@ use distclip_proto::v1::{
     DType, FetchStateRequest, FrameKind, OpenChannelRequest, OpenChannelResponse, StateChunk, TensorChunk,
     TransferAck,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::wire::{HEADER_LEN, Header, MAGIC, Rx};
-use crate::{CommError, CommOptions, PROTOCOL_VERSION, TOKEN_METADATA_KEY, Transport};
+use crate::{CommError, CommOptions, PROTOCOL_VERSION, Transport};
 
 /// A worker's state serialised on demand for a joining peer.
 pub(crate) type StateProvider = Arc<dyn Fn() -> Result<Vec<u8>, String> + Send + Sync>;
 
 /// Metadata key on a refusal that carries the server's current quorum id.
 pub(crate) const QUORUM_METADATA_KEY: &str = "x-distclip-quorum";
+
+/// The ALPN protocol of a framed TCP data channel under TLS (gRPC asks for `h2`).
+pub(crate) const DATA_ALPN: &[u8] = b"distclip-dcf1";
 
 /// HTTP/2 windows large enough that flow control does not throttle the gRPC transport.
 const H2_STREAM_WINDOW: u32 = 8 << 20;
@@ -88,16 +94,15 @@ impl PeerServer {
     pub async fn bind(addr: SocketAddr, opts: CommOptions) -> Result<PeerServer, CommError> {
         opts.validate()?;
         if let Some(t) = &opts.token {
-            tonic::metadata::MetadataValue::try_from(t.as_str()).map_err(|_| CommError::InvalidOptions {
-                detail: "the token must be printable ASCII (it travels as gRPC metadata)".into(),
-            })?;
+            distclip_proto::auth::bearer(t).map_err(|detail| CommError::InvalidOptions { detail })?;
         }
-        let mut builder = tonic::transport::Server::builder();
-        if let Some(tls) = &opts.tls {
-            builder = builder.tls_config(tls.server_config()).map_err(|e| CommError::InvalidOptions {
-                detail: format!("TLS settings refused: {}", distclip_proto::tls::error_chain(&e)),
-            })?;
-        }
+        let acceptor = match &opts.tls {
+            Some(tls) => Some(tokio_rustls::TlsAcceptor::from(tls.rustls_server(&[b"h2", DATA_ALPN]).map_err(|e| {
+                CommError::InvalidOptions { detail: format!("TLS settings refused: {e}") }
+            })?)),
+            None => None,
+        };
+        let builder = tonic::transport::Server::builder();
         let listener = TcpListener::bind(addr).await.map_err(|source| CommError::Bind { addr, source })?;
         let local_addr = listener.local_addr().map_err(|source| CommError::Bind { addr, source })?;
         let inner = Arc::new(Inner {
@@ -112,8 +117,8 @@ impl PeerServer {
             provider: RwLock::new(None),
             random: RandomState::new(),
         });
-        let (grpc_tx, grpc_rx) = tokio::sync::mpsc::unbounded_channel::<Result<TcpStream, std::io::Error>>();
-        let accept_task = tokio::spawn(accept_loop(listener, inner.clone(), grpc_tx));
+        let (grpc_tx, grpc_rx) = tokio::sync::mpsc::unbounded_channel::<Result<Conn, std::io::Error>>();
+        let accept_task = tokio::spawn(accept_loop(listener, inner.clone(), acceptor, grpc_tx));
         let limit = opts.max_chunk_bytes + 4096;
         let service = PeerService::new(Service { inner: inner.clone() })
             .max_decoding_message_size(limit)
@@ -225,14 +230,12 @@ impl Inner {
 
     fn check_token<T>(&self, req: &Request<T>) -> Result<(), Status> {
         let Some(want) = &self.opts.token else { return Ok(()) };
-        let got = req.metadata().get(TOKEN_METADATA_KEY).map(|v| v.as_bytes()).unwrap_or_default();
-        // Compare every byte so the time taken does not reveal the matching prefix.
-        let same = got.len() == want.len() && got.iter().zip(want.as_bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
-        if same {
-            Ok(())
-        } else {
-            Err(Status::unauthenticated("missing or wrong run token (x-distclip-token); start every worker with the run's token"))
-        }
+        distclip_proto::auth::check(req.metadata(), want).map_err(|refusal| {
+            Status::unauthenticated(format!(
+                "{}: send the run's token as `authorization: Bearer <token>` (start every worker with the run's token)",
+                refusal.as_str()
+            ))
+        })
     }
 
     /// A refusal that tells the caller which quorum this worker is in.
@@ -257,26 +260,24 @@ impl Inner {
 async fn accept_loop(
     listener: TcpListener,
     inner: Arc<Inner>,
-    grpc_tx: tokio::sync::mpsc::UnboundedSender<Result<TcpStream, std::io::Error>>,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    grpc_tx: tokio::sync::mpsc::UnboundedSender<Result<Conn, std::io::Error>>,
 ) {
     loop {
         match listener.accept().await {
             Ok((sock, _)) => {
-                let (inner, grpc_tx) = (inner.clone(), grpc_tx.clone());
+                let (inner, grpc_tx, acceptor) = (inner.clone(), grpc_tx.clone(), acceptor.clone());
                 tokio::spawn(async move {
                     let _ = sock.set_nodelay(true);
-                    // Under TLS every connection is gRPC: tonic does the handshake, and a
-                    // plaintext data channel has nothing to be sniffed as.
-                    if inner.opts.tls.is_some() {
-                        let _ = grpc_tx.send(Ok(sock));
-                        return;
-                    }
-                    match sniff(&sock, inner.opts.timeout).await {
-                        Some(true) => data_channel(sock, &inner).await,
-                        Some(false) => {
-                            let _ = grpc_tx.send(Ok(sock));
-                        }
-                        None => {}
+                    match acceptor {
+                        Some(acceptor) => tls_connection(sock, &inner, acceptor, grpc_tx).await,
+                        None => match sniff(&sock, inner.opts.timeout).await {
+                            Some(true) => data_channel(sock, &inner).await,
+                            Some(false) => {
+                                let _ = grpc_tx.send(Ok(Conn::Plain(sock)));
+                            }
+                            None => {}
+                        },
                     }
                 });
             }
@@ -286,6 +287,30 @@ async fn accept_loop(
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+}
+
+/// The TLS handshake of a new connection, then the protocol it asked for: a data channel, or
+/// gRPC for tonic. A failed or silent handshake just closes the connection.
+async fn tls_connection(
+    sock: TcpStream,
+    inner: &Inner,
+    acceptor: tokio_rustls::TlsAcceptor,
+    grpc_tx: tokio::sync::mpsc::UnboundedSender<Result<Conn, std::io::Error>>,
+) {
+    let limit = inner.opts.tls.as_ref().map(|t| t.handshake_timeout()).unwrap_or(inner.opts.timeout);
+    let stream = match tokio::time::timeout(limit, acceptor.accept(sock)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "a data-plane TLS handshake failed");
+            return;
+        }
+        Err(_) => return,
+    };
+    if stream.get_ref().1.alpn_protocol() == Some(DATA_ALPN) {
+        data_channel(stream, inner).await;
+    } else {
+        let _ = grpc_tx.send(Ok(Conn::Tls(Box::new(stream))));
     }
 }
 
@@ -310,8 +335,9 @@ async fn sniff(sock: &TcpStream, timeout: Duration) -> Option<bool> {
     }
 }
 
-/// Authenticate a TCP data channel by its hello frame, acknowledge it and park it for the group.
-async fn data_channel(mut sock: TcpStream, inner: &Inner) {
+/// Authenticate a TCP data channel (plaintext or TLS) by its hello frame, acknowledge it and
+/// park it for the group.
+async fn data_channel<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(mut sock: S, inner: &Inner) {
     let mut b = [0u8; HEADER_LEN];
     if tokio::time::timeout(inner.opts.timeout, sock.read_exact(&mut b)).await.map(|r| r.is_ok()) != Ok(true) {
         return;
@@ -333,11 +359,78 @@ async fn data_channel(mut sock: TcpStream, inner: &Inner) {
     let head = Header { kind: ack, dtype: DType::U8, quorum_id: 0, op_seq: 0, step: 0, piece: 0, len: msg.len() as u64, aux: 0 };
     let mut out = head.encode().to_vec();
     out.extend_from_slice(&msg);
-    if sock.write_all(&out).await.is_err() {
+    if sock.write_all(&out).await.is_err() || sock.flush().await.is_err() {
         return;
     }
     if let Ok(key) = verdict {
         inner.deliver(key, Rx::Tcp(Box::new(sock)));
+    }
+}
+
+/// A gRPC connection handed to tonic: as accepted, or decrypted by this server's TLS.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl Connected for Conn {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        match self {
+            Conn::Plain(s) => s.connect_info(),
+            Conn::Tls(s) => s.get_ref().0.connect_info(),
+        }
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &mut ReadBuf<'_>) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Plain(s) => s.is_write_vectored(),
+            Conn::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
     }
 }
 
@@ -359,11 +452,6 @@ impl Peer for Service {
             )));
         }
         let transport: Transport = r.transport.parse().map_err(Status::invalid_argument)?;
-        if transport == Transport::Tcp && self.inner.opts.tls.is_some() {
-            return Err(Status::failed_precondition(
-                "this worker runs TLS and takes tensor bytes on gRPC only; give every worker the same TLS settings",
-            ));
-        }
         let mut st = self.inner.state();
         if r.quorum_id < st.quorum_id {
             let ours = st.quorum_id;
@@ -466,9 +554,9 @@ pub(crate) async fn connect_client(addr: &str, opts: &CommOptions) -> Result<Pee
 pub(crate) fn request<T>(msg: T, opts: &CommOptions) -> Request<T> {
     let mut req = Request::new(msg);
     if let Some(t) = &opts.token
-        && let Ok(v) = t.parse()
+        && let Ok(v) = distclip_proto::auth::bearer(t)
     {
-        req.metadata_mut().insert(TOKEN_METADATA_KEY, v);
+        req.metadata_mut().insert(distclip_proto::auth::HEADER, v);
     }
     req
 }

@@ -43,7 +43,7 @@ fn plain_sum(w: usize, n: usize) -> Vec<f32> {
 }
 
 async fn check_collectives(w: usize, o: CommOptions) {
-    let transport = o.sending_transport();
+    let transport = o.transport;
     let srv = servers(w, &o).await;
     let groups = ring(&srv, 1).await;
     // 16 f32 per piece: 103 is not divisible by 2, 3 or 4 and spans several pieces per block;
@@ -104,13 +104,42 @@ fn tls_files(name: &str) -> distclip_proto::tls::TlsFiles {
     distclip_proto::tls::certs::generate(&dir, &["127.0.0.1".into()]).unwrap()
 }
 
+/// A data-channel hello whose ticket no server issued.
+fn forged_hello() -> crate::wire::Header {
+    crate::wire::Header {
+        kind: distclip_proto::v1::FrameKind::Hello,
+        dtype: distclip_proto::v1::DType::U8,
+        quorum_id: 1,
+        op_seq: 0,
+        step: 0,
+        piece: 0,
+        len: 0,
+        aux: 12345,
+    }
+}
+
+/// Send [`forged_hello`] on a data channel (plaintext or TLS) and return the reason of the abort
+/// frame the server must answer with.
+async fn forged_hello_refusal<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(s: &mut S) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(&forged_hello().encode()).await.unwrap();
+    s.flush().await.unwrap();
+    let mut ack = [0u8; crate::wire::HEADER_LEN];
+    s.read_exact(&mut ack).await.unwrap();
+    let ack = crate::wire::Header::decode(&ack).unwrap();
+    assert_eq!(ack.kind, distclip_proto::v1::FrameKind::Abort, "a forged ticket is refused");
+    let mut msg = vec![0u8; ack.len as usize];
+    s.read_exact(&mut msg).await.unwrap();
+    String::from_utf8_lossy(&msg).into_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_carries_collectives_and_refuses_strangers() {
     let files = tls_files("run");
-    // Asked for TCP, but under TLS the bytes go on gRPC, inside the encrypted connection.
+    // Both transports under TLS: framed TCP channels do their own handshake on the same port.
     let o = CommOptions { tls: Some(files.load().unwrap()), ..opts(Transport::Tcp) };
-    assert_eq!(o.sending_transport(), Transport::Grpc);
     check_collectives(3, o.clone()).await;
+    check_collectives(2, CommOptions { transport: Transport::Grpc, ..o.clone() }).await;
 
     let srv = PeerServer::bind("127.0.0.1:0".parse().unwrap(), o.clone()).await.unwrap();
     let addr = srv.local_addr().to_string();
@@ -138,6 +167,15 @@ async fn mutual_tls_carries_collectives_and_refuses_strangers() {
     let read = tokio::time::timeout(Duration::from_secs(15), tokio::io::AsyncReadExt::read(&mut sock, &mut buf)).await;
     let n = read.expect("the server must not leave a bad handshake hanging").unwrap_or(0);
     assert!(n == 0 || buf[0] == 0x15, "closed, or a TLS alert record (0x15), got {:?}", &buf[..n]);
+
+    // A TLS connection that asks for the data-channel protocol reaches the framed-TCP handler,
+    // which checks its ticket like a plaintext one.
+    let tls = files.load().unwrap();
+    let sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(tls.rustls_client(&[crate::server::DATA_ALPN]).unwrap());
+    let mut s = connector.connect(tls.server_name_for("127.0.0.1").unwrap(), sock).await.unwrap();
+    assert_eq!(s.get_ref().1.alpn_protocol(), Some(crate::server::DATA_ALPN));
+    assert!(forged_hello_refusal(&mut s).await.contains("unknown or already used ticket"));
 
     // And the run's own callers are still served.
     assert_eq!(fetch_state(&addr, &o).await.unwrap(), state);
@@ -281,6 +319,30 @@ async fn fetch_state_round_trip_and_refusals() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_travels_as_an_authorization_bearer_header() {
+    use distclip_proto::v1::FetchStateRequest;
+    use distclip_proto::v1::peer_client::PeerClient;
+    let o = CommOptions { token: Some("s3cret".into()), ..opts(Transport::Tcp) };
+    let srv = PeerServer::bind("127.0.0.1:0".parse().unwrap(), o).await.unwrap();
+    srv.set_state_provider(Arc::new(|| Ok(vec![1, 2, 3])));
+    let mut client = PeerClient::connect(format!("http://{}", srv.local_addr())).await.unwrap();
+    let call = |key: &'static str, value: &'static str| {
+        let mut req = tonic::Request::new(FetchStateRequest { quorum_id: 0 });
+        req.metadata_mut().insert(key, value.parse().unwrap());
+        req
+    };
+    // Exactly what a proxy or grpcurl sends (`-H 'authorization: Bearer s3cret'`) is accepted.
+    let mut stream = client.fetch_state(call("authorization", "Bearer s3cret")).await.unwrap().into_inner();
+    assert_eq!(stream.message().await.unwrap().unwrap().data, vec![1, 2, 3]);
+    // The bare token, or the old private header, is refused, saying what to send.
+    for (key, value) in [("authorization", "s3cret"), ("x-distclip-token", "s3cret")] {
+        let status = client.fetch_state(call(key, value)).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{key}: {value}");
+        assert!(status.message().contains("authorization: Bearer"), "{}", status.message());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_protects_data_channels() {
     let short = CommOptions { timeout: Duration::from_millis(700), ..opts(Transport::Tcp) };
     let with = CommOptions { token: Some("run-1".into()), ..short.clone() };
@@ -301,32 +363,19 @@ async fn token_protects_data_channels() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_and_oversized_frames_do_not_hurt_the_server() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let o = opts(Transport::Tcp);
     let srv = servers(2, &o).await;
     // A data-channel hello with a forged ticket is refused with an abort frame.
     let mut s = tokio::net::TcpStream::connect(srv[0].local_addr()).await.unwrap();
-    let hello = crate::wire::Header {
-        kind: distclip_proto::v1::FrameKind::Hello,
-        dtype: distclip_proto::v1::DType::U8,
-        quorum_id: 1,
-        op_seq: 0,
-        step: 0,
-        piece: 0,
-        len: 0,
-        aux: 12345,
-    };
-    s.write_all(&hello.encode()).await.unwrap();
-    let mut ack = [0u8; crate::wire::HEADER_LEN];
-    s.read_exact(&mut ack).await.unwrap();
-    assert_eq!(crate::wire::Header::decode(&ack).unwrap().kind, distclip_proto::v1::FrameKind::Abort);
+    assert!(forged_hello_refusal(&mut s).await.contains("unknown or already used ticket"));
     // Bytes that are neither gRPC nor a hello.
     let mut s = tokio::net::TcpStream::connect(srv[0].local_addr()).await.unwrap();
     s.write_all(b"DCF1 this is not a header at all, just noise..........").await.unwrap();
     drop(s);
     // An oversized frame on an established channel is a protocol error for the receiver.
     let (mut w, r) = tcp_pair().await;
-    let big = crate::wire::Header { kind: distclip_proto::v1::FrameKind::Data, len: 1 << 40, ..hello };
+    let big = crate::wire::Header { kind: distclip_proto::v1::FrameKind::Data, len: 1 << 40, ..forged_hello() };
     w.write_all(&big.encode()).await.unwrap();
     let mut rx = crate::wire::Rx::Tcp(Box::new(r));
     assert!(rx.header(1 << 16).await.unwrap_err().contains("exceeds the limit"));

@@ -4,7 +4,6 @@
 
 use distclip_proto::v1::{DType, FrameKind, TensorChunk};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 // The TCP frames and the f32 payloads are little-endian on the wire and copied to and from
 // sockets without conversion, which is only right on little-endian hosts.
@@ -103,7 +102,8 @@ impl Header {
 
 /// The sending end of a data channel (to the right neighbour).
 pub(crate) enum Tx {
-    Tcp(TcpStream),
+    /// A framed TCP channel, plaintext or TLS.
+    Tcp(Box<dyn tokio::io::AsyncWrite + Send + Unpin>),
     Grpc {
         tx: tokio::sync::mpsc::Sender<TensorChunk>,
         /// The `Transfer` call; its status explains a closed channel.
@@ -130,6 +130,8 @@ impl Tx {
                     n = HEADER_LEN;
                 }
                 s.write_all(&payload[n - HEADER_LEN..]).await.map_err(|e| e.to_string())?;
+                // TLS holds encrypted records until flushed (plaintext TCP: a no-op).
+                s.flush().await.map_err(|e| e.to_string())?;
                 Ok(())
             }
             Tx::Grpc { tx, call } => {

@@ -195,25 +195,14 @@ impl Shared {
         let Some(token) = &self.token else {
             return Ok(());
         };
-        let got = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok());
-        let ok = got
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|t| constant_time_eq(t.as_bytes(), token.as_bytes()));
-        if ok {
+        let Err(refusal) = distclip_proto::auth::check(req.metadata(), token) else {
             return Ok(());
-        }
+        };
         let peer = req
             .remote_addr()
             .map(|a| a.to_string())
             .unwrap_or_else(|| "unknown".into());
-        let reason = if got.is_none() {
-            "missing token"
-        } else {
-            "wrong token"
-        };
+        let reason = refusal.as_str();
         // Never log the presented token: it may be a near-miss of the real one.
         tracing::warn!(rpc, peer, reason, "refused a call without the run token");
         let ev = crate::machine::Event {
@@ -267,10 +256,6 @@ fn log_event(ev: &crate::machine::Event) {
         }
         _ => tracing::info!(kind = ev.kind, %fields, "event"),
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn to_status(e: MachineError) -> Status {

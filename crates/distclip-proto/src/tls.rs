@@ -1,14 +1,17 @@
-//! Transport security for both planes: TLS from PEM files, optionally mutual (rustls, through
-//! tonic). Every distclip process both serves (the coordinator its control plane, a worker its
+//! Transport security for both planes: TLS from PEM files, optionally mutual (rustls). gRPC
+//! gets its settings as tonic's ([`Tls::server_config`], [`Tls::client_config`]); the data
+//! plane's framed TCP channels, which tonic does not carry, get plain rustls configurations
+//! ([`Tls::rustls_server`], [`Tls::rustls_client`]) from the same files. Every distclip process both serves (the coordinator its control plane, a worker its
 //! data plane) and calls, so each one is given the same three files: the CA that signs the run's
 //! certificates, its own certificate chain and its private key.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
 /// Longest TLS handshake: a peer that opens a connection and stays silent is dropped after it.
@@ -73,8 +76,16 @@ pub enum TlsError {
 pub struct Tls {
     ca: Certificate,
     identity: Identity,
+    /// The same material parsed, for the rustls configurations of the framed TCP channels.
+    raw: Arc<Raw>,
     mutual: bool,
     server_name: Option<String>,
+}
+
+struct Raw {
+    ca: Vec<CertificateDer<'static>>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
 }
 
 impl fmt::Debug for Tls {
@@ -90,17 +101,22 @@ fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| TlsError::Read { what, path: path.to_owned(), source })
 }
 
-fn certificates(what: &'static str, path: &Path, pem: &[u8]) -> Result<(), TlsError> {
+fn certificates(what: &'static str, path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let invalid = |problem: String| TlsError::Invalid { what, path: path.to_owned(), problem };
-    let mut n = 0;
+    let mut out = Vec::new();
     for c in CertificateDer::pem_slice_iter(pem) {
-        c.map_err(|e| invalid(format!("has a malformed PEM block ({e})")))?;
-        n += 1;
+        out.push(c.map_err(|e| invalid(format!("has a malformed PEM block ({e})")))?);
     }
-    if n == 0 {
+    if out.is_empty() {
         return Err(invalid("holds no `BEGIN CERTIFICATE` block; give a PEM certificate file".into()));
     }
-    Ok(())
+    Ok(out)
+}
+
+/// The crypto provider tonic's TLS is built on here (aws-lc-rs), named explicitly so that the
+/// data plane's configurations never depend on a process-wide default being installed.
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 impl TlsFiles {
@@ -108,11 +124,11 @@ impl TlsFiles {
     /// certificate. Errors name the file and the fix.
     pub fn load(&self) -> Result<Tls, TlsError> {
         let ca = read("CA", &self.ca)?;
-        certificates("CA", &self.ca, &ca)?;
+        let ca_ders = certificates("CA", &self.ca, &ca)?;
         let cert = read("certificate", &self.cert)?;
-        certificates("certificate", &self.cert, &cert)?;
+        let chain = certificates("certificate", &self.cert, &cert)?;
         let key = read("key", &self.key)?;
-        PrivateKeyDer::from_pem_slice(&key).map_err(|e| TlsError::Invalid {
+        let key_der = PrivateKeyDer::from_pem_slice(&key).map_err(|e| TlsError::Invalid {
             what: "key",
             path: self.key.clone(),
             problem: format!("holds no usable private key ({e}); give the PEM key of the certificate"),
@@ -120,12 +136,15 @@ impl TlsFiles {
         let tls = Tls {
             ca: Certificate::from_pem(ca),
             identity: Identity::from_pem(cert, key),
+            raw: Arc::new(Raw { ca: ca_ders, chain, key: key_der }),
             mutual: self.mutual,
             server_name: self.server_name.clone().filter(|s| !s.is_empty()),
         };
         // Building a server configuration is where rustls pairs the key with the certificate.
-        tonic::transport::Server::builder().tls_config(tls.server_config()).map_err(|e| {
-            TlsError::Mismatch { cert: self.cert.clone(), key: self.key.clone(), problem: error_chain(&e) }
+        tls.rustls_server(&[]).map_err(|problem| TlsError::Mismatch {
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            problem,
         })?;
         Ok(tls)
     }
@@ -156,6 +175,66 @@ impl Tls {
             .domain_name(name)
             .timeout(HANDSHAKE_TIMEOUT);
         if self.mutual { config.identity(self.identity.clone()) } else { config }
+    }
+
+    /// The longest a TLS handshake may take before the connection is dropped.
+    pub fn handshake_timeout(&self) -> Duration {
+        HANDSHAKE_TIMEOUT
+    }
+
+    /// A rustls server configuration with these files, offering `alpn` (most preferred first),
+    /// for a server that does its own TLS accept (the data plane's shared port).
+    pub fn rustls_server(&self, alpn: &[&[u8]]) -> Result<Arc<rustls::ServerConfig>, String> {
+        let builder = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?;
+        let builder = if self.mutual {
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots()?.into(), provider())
+                .build()
+                .map_err(|e| e.to_string())?;
+            builder.with_client_cert_verifier(verifier)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let mut config =
+            builder.with_single_cert(self.raw.chain.clone(), self.raw.key.clone_key()).map_err(|e| e.to_string())?;
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        // Data channels last a quorum and are never resumed: no session tickets to send.
+        config.send_tls13_tickets = 0;
+        Ok(Arc::new(config))
+    }
+
+    /// A rustls client configuration with these files, asking for `alpn`: trusts only the CA
+    /// and, with mutual TLS, presents this process's certificate.
+    pub fn rustls_client(&self, alpn: &[&[u8]]) -> Result<Arc<rustls::ClientConfig>, String> {
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(self.roots()?);
+        let mut config = if self.mutual {
+            builder.with_client_auth_cert(self.raw.chain.clone(), self.raw.key.clone_key()).map_err(|e| e.to_string())?
+        } else {
+            builder.with_no_client_auth()
+        };
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(Arc::new(config))
+    }
+
+    /// The name a server dialled as `host` must prove: `server_name` if one was given, else
+    /// `host` itself (a DNS name or an IP address, `[::1]` brackets allowed).
+    pub fn server_name_for(&self, host: &str) -> Result<ServerName<'static>, String> {
+        let name = self.server_name.as_deref().unwrap_or(host);
+        let name = name.trim_start_matches('[').trim_end_matches(']');
+        ServerName::try_from(name.to_owned())
+            .map_err(|e| format!("`{name}` is not a DNS name or IP address a certificate can be checked against ({e}); pass --tls-server-name"))
+    }
+
+    fn roots(&self) -> Result<rustls::RootCertStore, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in &self.raw.ca {
+            roots.add(c.clone()).map_err(|e| format!("a CA certificate is not usable as a trust anchor: {e}"))?;
+        }
+        Ok(roots)
     }
 }
 

@@ -41,8 +41,7 @@ pub struct Args {
     /// Bytes per frame (pipelining granularity).
     #[arg(long, default_value_t = 1 << 20)]
     chunk_bytes: usize,
-    /// TLS between the ranks (then bytes travel on gRPC streams, whatever --transport says):
-    /// what encryption costs.
+    /// TLS between the ranks, on whichever --transport is chosen: what encryption costs.
     #[command(flatten)]
     tls: super::security::TlsArgs,
     /// Internal: run as this rank of a benchmark started by the parent command.
@@ -203,8 +202,7 @@ async fn worker_async(args: Args, rank: usize) -> anyhow::Result<()> {
         "bytes": args.bytes,
         "iterations": args.iters,
         "warmup": args.warmup,
-        // Under TLS the bytes go on gRPC streams whatever --transport asked.
-        "transport": if args.tls.tls_ca.is_some() { "grpc" } else { args.transport.as_str() },
+        "transport": args.transport.as_str(),
         "tls": match (args.tls.tls_ca.is_some(), args.tls.tls_mutual) {
             (false, _) => "off",
             (true, false) => "tls",
