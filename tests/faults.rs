@@ -2,6 +2,8 @@
 
 mod common;
 use common::{jsonl, synth, tmp, wait_until};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 
 /// How long any one stage of a test may take.
 const LIMIT: std::time::Duration = std::time::Duration::from_secs(300);
@@ -38,6 +40,34 @@ fn non_finite_losses_drop_steps_and_then_stop_the_run() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `distclip launch` of `workers` tiny-model workers in the background, stdout piped (for
+/// `finished_json`), stderr into `log`.
+fn spawn_launch(workers: usize, spec: &str, run: &Path, log: &Path, extra: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_distclip"))
+        .args(["launch", "--workers", &workers.to_string(), "--data", spec, "--run-dir", run.to_str().unwrap()])
+        .args(["--model", "tiny"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// Metric rows (committed steps) written so far.
+fn rows(run: &Path) -> usize {
+    std::fs::read_to_string(run.join("metrics.jsonl")).map(|s| s.lines().count()).unwrap_or(0)
+}
+
+/// The first `quorum` event after the first event `is_cause` picks, and its members.
+fn quorum_after(events: &[Value], is_cause: impl Fn(&Value) -> bool) -> (&Value, Vec<&str>) {
+    let q = events
+        .iter()
+        .skip_while(|e| !is_cause(e))
+        .find(|e| e["kind"] == "quorum")
+        .unwrap_or_else(|| panic!("no quorum after the event: {events:?}"));
+    (q, q["members"].as_array().unwrap().iter().map(|m| m.as_str().unwrap()).collect())
+}
+
 /// The children of `parent` whose command line holds `word` (`worker`, `coordinator`).
 fn children(parent: u32, word: &str) -> Vec<u32> {
     let mut out = Vec::new();
@@ -61,23 +91,17 @@ fn children(parent: u32, word: &str) -> Vec<u32> {
 /// repeated, and events.jsonl tells the story.
 #[test]
 fn launch_outlives_kill_9_of_a_worker_and_of_the_coordinator() {
-    use std::process::{Command, Stdio};
     let dir = tmp("launch-kill");
     // 6 shards of 16: 6 steps per epoch at 2 workers x 8, 8 epochs.
     let spec = synth(&dir, 96, 16);
     let run = dir.join("run");
     let log = dir.join("launch.log");
-    let bin = env!("CARGO_BIN_EXE_distclip");
-    let launch = Command::new(bin)
-        .args(["launch", "--workers", "2", "--data", &spec, "--run-dir", run.to_str().unwrap(), "--model", "tiny"])
-        .args(["--threads", "1", "--batch-size", "8", "--epochs", "8", "--seed", "2"])
-        .args(["--set", "cluster.heartbeat_interval_ms=200", "--set", "cluster.heartbeat_timeout_ms=2000"])
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let launch = spawn_launch(2, &spec, &run, &log, &[
+        "--threads", "1", "--batch-size", "8", "--epochs", "8", "--seed", "2",
+        "--set", "cluster.heartbeat_interval_ms=200", "--set", "cluster.heartbeat_timeout_ms=2000",
+    ]);
     let pid = launch.id();
-    let steps = || std::fs::read_to_string(run.join("metrics.jsonl")).map(|s| s.lines().count()).unwrap_or(0);
+    let steps = || rows(&run);
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
     let kill9 = |p: u32| assert!(Command::new("kill").args(["-9", &p.to_string()]).status().unwrap().success());
 
@@ -127,25 +151,17 @@ fn launch_outlives_kill_9_of_a_worker_and_of_the_coordinator() {
 /// shows no sample lost or counted twice.
 #[test]
 fn launch_trains_on_when_one_of_three_workers_is_killed() {
-    use std::process::{Command, Stdio};
     let dir = tmp("launch-kill-one");
     let spec = synth(&dir, 2048, 256);
     let run = dir.join("run");
     let log = dir.join("launch.log");
-    let launch = Command::new(env!("CARGO_BIN_EXE_distclip"))
-        .args(["launch", "--workers", "3", "--data", &spec, "--run-dir", run.to_str().unwrap(), "--model", "tiny"])
-        .args(["--max-steps", "60", "--batch-size", "16"])
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let launch = spawn_launch(3, &spec, &run, &log, &["--max-steps", "60", "--batch-size", "16"]);
     let pid = launch.id();
-    let rows = || std::fs::read_to_string(run.join("metrics.jsonl")).map(|s| s.lines().count()).unwrap_or(0);
-    wait_until("10 metric rows", LIMIT, &log, || rows() >= 10);
+    wait_until("10 metric rows", LIMIT, &log, || rows(&run) >= 10);
     let workers = children(pid, "worker");
     assert_eq!(workers.len(), 3, "{workers:?}");
     assert!(Command::new("kill").args(["-9", &workers[1].to_string()]).status().unwrap().success());
-    let killed_at = rows();
+    let killed_at = rows(&run);
     let launched = common::finished_json(launch, "launch", &log);
     assert_eq!(launched["status"], "finished", "{launched}");
     assert_eq!(launched["restarts"], 1, "one replacement: {launched}");
@@ -183,16 +199,66 @@ fn launch_trains_on_when_one_of_three_workers_is_killed() {
     let dead = death[0]["worker"].as_str().unwrap();
     let first: Vec<&str> = of("quorum")[0]["members"].as_array().unwrap().iter().map(|m| m.as_str().unwrap()).collect();
     assert_eq!(first.len(), 3, "{first:?}");
-    let after = events
-        .iter()
-        .skip_while(|e| e["kind"] != "death")
-        .find(|e| e["kind"] == "quorum")
-        .unwrap_or_else(|| panic!("no quorum after the death: {events:?}"));
-    let members: Vec<&str> = after["members"].as_array().unwrap().iter().map(|m| m.as_str().unwrap()).collect();
+    let (after, members) = quorum_after(&events, |e| e["kind"] == "death");
     for w in first.iter().filter(|w| **w != dead) {
         assert!(members.contains(w), "survivor {w} is not in {members:?}");
     }
     let q = after["quorum_id"].as_u64().unwrap();
     assert!(metrics.iter().any(|m| m["quorum_id"].as_u64() >= Some(q)), "no step committed after the death");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// SIGTERM (what Kubernetes, Slurm and `docker stop` send) makes a worker leave gracefully: it
+/// finishes the step in flight, calls Leave and exits 143. Its leases go back to the pool at
+/// once and the other two form a new quorum without waiting for the heartbeat timeout, which
+/// is set far beyond this test's limit, so only the leave can have let the run go on (with
+/// `--min-workers 2` and no replacement).
+#[test]
+fn sigterm_makes_a_worker_leave_and_the_others_train_on_at_once() {
+    let dir = tmp("sigterm-leave");
+    // A small shuffle buffer: each worker leases a shard just ahead of its reading, so the
+    // worker that leaves surely holds one (with the default buffer one worker can lease all 8).
+    let spec = synth(&dir, 512, 64);
+    let run = dir.join("run");
+    let log = dir.join("launch.log");
+    let launch = spawn_launch(3, &spec, &run, &log, &[
+        "--threads", "1", "--batch-size", "8", "--max-steps", "40", "--max-restarts", "0", "--min-workers", "2",
+        "--set", "data.shuffle_buffer=16", "--set", "cluster.heartbeat_timeout_ms=3600000",
+    ]);
+    let pid = launch.id();
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_until("3 metric rows", LIMIT, &log, || rows(&run) >= 3);
+    let workers = children(pid, "worker");
+    assert_eq!(workers.len(), 3, "{workers:?}");
+    assert!(Command::new("kill").args(["-TERM", &workers[2].to_string()]).status().unwrap().success());
+    let signalled_at = rows(&run);
+    let launched = common::finished_json(launch, "launch", &log);
+    assert_eq!(launched["status"], "finished", "{launched}");
+    assert_eq!(launched["restarts"], 0, "{launched}");
+    assert!(log_text().contains("SIGTERM: leaving the run after the step in flight"), "{}", log_text());
+    assert!(log_text().contains("did not exit cleanly: worker-"), "launch names the worker that left: {}", log_text());
+
+    let events = jsonl(&run.join("events.jsonl"));
+    let of = |kind: &str| events.iter().filter(|e| e["kind"] == kind).collect::<Vec<_>>();
+    assert!(of("death").is_empty(), "a graceful leave is not a death: {events:?}");
+    let leave: Vec<_> = of("leave").into_iter().filter(|e| e["reason"].as_str().unwrap().contains("asked to leave (SIGTERM")).collect();
+    assert_eq!(leave.len(), 1, "{events:?}");
+    let gone = leave[0]["worker"].as_str().unwrap();
+    let released = leave[0]["released_shards"].as_array().unwrap();
+    assert!(!released.is_empty(), "the leaving worker's lease goes back: {}", leave[0]);
+    assert_eq!(leave[0]["members"], 2, "{}", leave[0]);
+    // The next quorum has the two others, and it committed steps.
+    let (after, members) = quorum_after(&events, |e| e["kind"] == "leave" && e["worker"] == gone);
+    assert_eq!(members.len(), 2, "{members:?}");
+    assert!(!members.contains(&gone), "{members:?}");
+    let q = after["quorum_id"].as_u64().unwrap();
+    let metrics = jsonl(&run.join("metrics.jsonl"));
+    assert!(metrics.len() > signalled_at, "no step after the SIGTERM at row {signalled_at}");
+    assert!(metrics.iter().any(|m| m["quorum_id"].as_u64() == Some(q)), "quorum {q} committed nothing");
+    // The released shard was read on by the others: nothing lost, nothing twice.
+    let audit: Value = serde_json::from_str(&std::fs::read_to_string(run.join("ledger/epoch-0.json")).unwrap()).unwrap();
+    let trained: u64 = metrics.iter().map(|m| m["samples"].as_u64().unwrap()).sum();
+    assert_eq!(audit["at_most_once"], true, "{audit}");
+    assert_eq!(audit["samples_committed"], trained, "{audit}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -60,6 +60,10 @@ pub struct WorkerOptions {
     /// Where rank 0 writes checkpoints, when the coordinator's `RUN/checkpoints` is not
     /// reachable under the same path from this machine.
     pub checkpoint_dir: Option<PathBuf>,
+    /// Set (by a SIGTERM handler, say) to leave the run gracefully: the step in flight
+    /// finishes, then the worker calls `Leave`, so its leases go back to the pool and the
+    /// others form a new quorum at once instead of after the heartbeat timeout.
+    pub leave: Arc<AtomicBool>,
 }
 
 /// What a finished worker reports.
@@ -71,6 +75,8 @@ pub struct WorkerOutcome {
     pub rank: usize,
     /// Checksum of the final parameters.
     pub params_checksum: String,
+    /// The worker left before the run finished, because [`WorkerOptions::leave`] was set.
+    pub left: bool,
 }
 
 /// Worker failures.
@@ -101,7 +107,7 @@ struct TokenInterceptor(Option<tonic::metadata::MetadataValue<tonic::metadata::A
 impl tonic::service::Interceptor for TokenInterceptor {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         if let Some(v) = &self.0 {
-            req.metadata_mut().insert("authorization", v.clone());
+            req.metadata_mut().insert(distclip_proto::auth::HEADER, v.clone());
         }
         Ok(req)
     }
@@ -134,11 +140,7 @@ async fn connect(
         (None, _) => {}
     }
     let header = token
-        .map(|t| {
-            format!("Bearer {t}")
-                .parse()
-                .map_err(|_| err("the run token must be printable ASCII".into()))
-        })
+        .map(|t| distclip_proto::auth::bearer(t).map_err(err))
         .transpose()?;
     let deadline = Instant::now() + CONNECT_TIMEOUT;
     let mut backoff = Duration::from_millis(100);
@@ -599,7 +601,17 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
     // The quorum id under which the last applied step committed: with the step, this
     // worker's history (QuorumRequest.commit_quorum).
     let mut commit_quorum = 0u64;
+    let mut left = false;
     loop {
+        // Between steps: what was loaded but not committed goes back with the leases (committed
+        // positions are skipped when a shard is leased again).
+        if opts.leave.load(Ordering::Relaxed) {
+            tracing::warn!(step = trainer.step(), "asked to stop: leaving the run after the last committed step");
+            set_serving(false);
+            left = true;
+            final_state = Vec::new();
+            break;
+        }
         if feed.as_ref().is_none_or(|f| f.epoch != epoch) {
             feed = Some(Feed::start(
                 epoch,
@@ -819,8 +831,18 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
             }
         }
     }
-    set_state(trainer.step(), "finished");
+    set_state(trainer.step(), if left { "leaving" } else { "finished" });
     let final_checksum = format!("{:016x}", trainer.checksum());
+    if left {
+        let req = pb::LeaveRequest { worker_id, reason: "asked to leave (SIGTERM or SIGINT)".into() };
+        match rt.block_on(client.leave(req)) {
+            Ok(_) => tracing::info!("left the run; its leases are back in the pool"),
+            Err(e) => tracing::warn!("could not tell the coordinator this worker left ({}); it will time out instead", e.message()),
+        }
+        drop(feed);
+        rt.shutdown_timeout(Duration::from_secs(1));
+        return Ok(WorkerOutcome { steps: trainer.step(), rank, params_checksum: final_checksum, left: true });
+    }
     if rank == 0 {
         let step = trainer.step();
         let results = if last_eval != Some(step) { evaluator.run(&trainer) } else { None };
@@ -838,7 +860,7 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
     let _ = rt.block_on(client.leave(pb::LeaveRequest { worker_id, reason: "run finished".into() }));
     drop(feed);
     rt.shutdown_timeout(Duration::from_secs(1));
-    Ok(WorkerOutcome { steps: trainer.step(), rank, params_checksum: final_checksum })
+    Ok(WorkerOutcome { steps: trainer.step(), rank, params_checksum: final_checksum, left: false })
 }
 
 /// Pull parameters and optimizer state from a peer at `step`. The peer refreshes what it serves

@@ -1,8 +1,12 @@
 //! `distclip worker`: one training process. It joins the coordinator, receives the run's
-//! configuration from it, and trains until the coordinator says the run is finished.
+//! configuration from it, and trains until the coordinator says the run is finished. SIGTERM
+//! or SIGINT (Kubernetes, Slurm, `docker stop`, Ctrl-C) makes it leave gracefully after the step
+//! in flight.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use anyhow::Context;
 use distclip_worker::node::{WorkerOptions, run_worker};
@@ -91,6 +95,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         args.device
     };
+    let leave = leave_on_signal()?;
     let outcome = run_worker(WorkerOptions {
         coordinator,
         listen: args.listen,
@@ -104,11 +109,59 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         rank_hint,
         save_dir: args.save_dir,
         checkpoint_dir: args.checkpoint_dir,
+        leave: leave.flag.clone(),
     })
     .context("worker failed")?;
     super::print_json(&serde_json::json!({
         "steps": outcome.steps,
         "rank": outcome.rank,
         "params_checksum": outcome.params_checksum,
-    }))
+        "left": outcome.left,
+    }))?;
+    if outcome.left {
+        // What a process ended by the signal reports (143 for SIGTERM, 130 for Ctrl-C), so
+        // supervisors do not count it as a worker that finished the run.
+        std::process::exit(128 + leave.signal.load(Ordering::Relaxed));
+    }
+    Ok(())
+}
+
+/// The first SIGTERM or SIGINT (Kubernetes, Slurm, `docker stop`, Ctrl-C) asks the worker to
+/// leave gracefully; a second one ends the process at once (a supervisor that will not wait).
+struct LeaveOnSignal {
+    /// Set by the first signal; read by the worker between steps.
+    flag: Arc<AtomicBool>,
+    /// Its number (15 or 2), for the exit code.
+    signal: Arc<AtomicI32>,
+}
+
+/// Install the handlers before the worker starts, so that no signal falls on the default action
+/// (an abrupt exit) in between.
+fn leave_on_signal() -> anyhow::Result<LeaveOnSignal> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let leave = LeaveOnSignal { flag: Arc::new(AtomicBool::new(false)), signal: Arc::new(AtomicI32::new(0)) };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_io().build().context("signal runtime")?;
+    let (mut term, mut int) = rt
+        .block_on(async { Ok::<_, std::io::Error>((signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?)) })
+        .context("installing the SIGTERM and SIGINT handlers")?;
+    let (flag, number) = (leave.flag.clone(), leave.signal.clone());
+    std::thread::Builder::new()
+        .name("distclip-signals".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let mut next = async || tokio::select! {
+                    _ = term.recv() => ("SIGTERM", 15),
+                    _ = int.recv() => ("SIGINT", 2),
+                };
+                let (name, n) = next().await;
+                number.store(n, Ordering::Relaxed);
+                flag.store(true, Ordering::Relaxed);
+                tracing::warn!("{name}: leaving the run after the step in flight (send it again to stop at once)");
+                let (name, _) = next().await;
+                eprintln!("second signal ({name}): stopping now");
+                std::process::exit(128 + n);
+            })
+        })
+        .context("starting the signal thread")?;
+    Ok(leave)
 }
