@@ -109,7 +109,8 @@ pub struct DataConfig {
     /// shards' `sizes.json` when absent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub samples_per_epoch: Option<u64>,
-    /// Caption member: `txt`, or `json:FIELD` for a field of the JSON member.
+    /// Where captions are, for training and evaluation alike: a member (`txt`, or another
+    /// extension such as `caption`), or `json:FIELD` for a string field of the JSON member.
     pub caption_key: String,
     /// Draw shards with replacement (OpenCLIP's `--dataset-resampled`).
     pub resampled: bool,

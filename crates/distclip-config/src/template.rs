@@ -65,7 +65,7 @@ pub(crate) const DOCS: &[KeyDoc] = &[
     ),
     key(
         "data.caption_key",
-        "Which tar member holds the caption: `txt`, or `json:FIELD` for a field of the `json` member.",
+        "Which tar member holds the caption, in training and evaluation: `txt`, another member such as `caption`, or `json:FIELD` for a field of the `json` member.",
     ),
     choice(
         "data.resampled",

@@ -14,6 +14,7 @@
 //!
 //! The crate knows nothing of the model: batches are plain `Vec<f32>`/`Vec<i64>`.
 
+pub mod caption;
 pub mod loader;
 pub mod samples;
 pub mod source;
@@ -23,6 +24,7 @@ pub mod synth;
 pub mod transform;
 pub mod writer;
 
+pub use caption::CaptionKey;
 pub use loader::{Batch, Loader, LoaderConfig, LoaderError, Order, ShardSummary, ShardTask};
 pub use samples::{RawSample, SamplePos, ShardEvent, ShardReader, SkipReason};
 pub use source::{RetryPolicy, ShardOpener, SourceError};

@@ -12,6 +12,7 @@ use distclip_image::{ImageError, Raw8};
 use rand::Rng;
 use rand::SeedableRng;
 
+use crate::caption::CaptionKey;
 use crate::samples::{RawSample, SamplePos, SkipReason};
 
 /// Image member extensions, in OpenCLIP's order of preference.
@@ -54,8 +55,8 @@ pub struct TransformConfig {
     pub max_pixels: u64,
     /// Tokens per caption (77 for CLIP).
     pub context_length: usize,
-    /// Take the caption from this field of the `json` member instead of the `txt` member.
-    pub caption_key: Option<String>,
+    /// Where the caption is (`data.caption_key`): the `txt` member by default.
+    pub caption_key: CaptionKey,
     /// Captions longer than this many characters are skipped.
     pub max_caption_chars: usize,
 }
@@ -67,7 +68,7 @@ impl Default for TransformConfig {
             augment: Augment::train(),
             max_pixels: distclip_image::DEFAULT_MAX_PIXELS,
             context_length: 77,
-            caption_key: None,
+            caption_key: CaptionKey::default(),
             max_caption_chars: MAX_CAPTION_CHARS,
         }
     }
@@ -95,7 +96,7 @@ pub struct Skip {
     pub detail: String,
 }
 
-fn skip(reason: SkipReason, detail: impl Into<String>) -> Skip {
+pub(crate) fn skip(reason: SkipReason, detail: impl Into<String>) -> Skip {
     Skip {
         reason,
         detail: detail.into(),
@@ -112,10 +113,7 @@ pub fn select<'a>(
         .iter()
         .find_map(|k| raw.members.iter().find(|(e, _)| e == k))
         .map(|(e, d)| (e.as_str(), d.as_slice()));
-    let caption_member = match &cfg.caption_key {
-        None => raw.get("txt"),
-        Some(_) => raw.get("json"),
-    };
+    let caption_member = raw.get(cfg.caption_key.member());
     let (Some((ext, image)), Some(caption)) = (image, caption_member) else {
         if raw.cut_by_duplicate {
             return Err(skip(
@@ -146,12 +144,7 @@ pub fn select<'a>(
             "caption member has 0 bytes",
         ));
     }
-    let text = match &cfg.caption_key {
-        None => std::str::from_utf8(caption)
-            .map_err(|e| skip(SkipReason::CaptionNotUtf8, e.to_string()))?
-            .to_string(),
-        Some(key) => caption_from_json(caption, key)?,
-    };
+    let text = cfg.caption_key.text(caption)?;
     let chars = text.chars().count();
     if chars > cfg.max_caption_chars {
         return Err(skip(
@@ -171,24 +164,6 @@ fn member_list(raw: &RawSample) -> String {
         .map(|(e, _)| e.as_str())
         .collect::<Vec<_>>()
         .join(",")
-}
-
-fn caption_from_json(bytes: &[u8], key: &str) -> Result<String, Skip> {
-    let text =
-        std::str::from_utf8(bytes).map_err(|e| skip(SkipReason::CaptionNotUtf8, e.to_string()))?;
-    let value: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| skip(SkipReason::BadCaptionJson, e.to_string()))?;
-    match value.get(key) {
-        None | Some(serde_json::Value::Null) => Err(skip(
-            SkipReason::MissingCaption,
-            format!("json has no field {key:?}"),
-        )),
-        Some(serde_json::Value::String(s)) => Ok(s.clone()),
-        Some(other) => Err(skip(
-            SkipReason::BadCaptionJson,
-            format!("json field {key:?} is not a string: {other}"),
-        )),
-    }
 }
 
 /// A per-sample RNG that depends only on (seed, epoch, position), so augmentation is the same
@@ -477,7 +452,7 @@ pub(crate) mod tests {
         );
         // Caption from a json field.
         let cj = TransformConfig {
-            caption_key: Some("caption".into()),
+            caption_key: "json:caption".parse().unwrap(),
             ..c.clone()
         };
         let (_, _, text) = select(

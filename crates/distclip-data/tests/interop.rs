@@ -82,7 +82,7 @@ fn python_written_members_group_and_decode_like_pil() {
 fn python_shards_through_the_loader_with_txt_or_json_captions() {
     let spec = format!("{}/{{00000..00001}}.tar", dir().display());
     let list = Arc::new(ShardList::parse(&spec).unwrap());
-    let cfg = |caption_key: Option<&str>| LoaderConfig {
+    let cfg = |caption_key: &str| LoaderConfig {
         threads: 2,
         batch_size: 8,
         order: Order::Epoch,
@@ -90,12 +90,12 @@ fn python_shards_through_the_loader_with_txt_or_json_captions() {
         transform: TransformConfig {
             image_size: 16,
             augment: Augment::None,
-            caption_key: caption_key.map(str::to_string),
+            caption_key: caption_key.parse().unwrap(),
             ..Default::default()
         },
         ..Default::default()
     };
-    let batches: Vec<_> = Loader::new(list.clone(), ShardOpener::default(), cfg(Some("caption")))
+    let batches: Vec<_> = Loader::new(list.clone(), ShardOpener::default(), cfg("json:caption"))
         .unwrap()
         .map(|b| b.unwrap())
         .collect();

@@ -20,8 +20,9 @@ pub struct EvalOptions {
     pub max_samples: Option<usize>,
     /// Images announcing more pixels are skipped.
     pub max_pixels: u64,
-    /// Member holding the caption: `txt`, or `json:FIELD`.
-    pub caption_key: String,
+    /// Where the caption is (`data.caption_key`: `txt`, another member, or `json:FIELD`), read
+    /// exactly as training reads it.
+    pub caption_key: distclip_data::CaptionKey,
 }
 
 impl Default for EvalOptions {
@@ -30,7 +31,7 @@ impl Default for EvalOptions {
             batch_size: 64,
             max_samples: None,
             max_pixels: distclip_image::DEFAULT_MAX_PIXELS,
-            caption_key: "txt".into(),
+            caption_key: distclip_data::CaptionKey::default(),
         }
     }
 }
@@ -48,19 +49,15 @@ pub struct Pair {
     pub json: Option<serde_json::Value>,
 }
 
-const IMAGE_EXTS: [&str; 4] = ["jpg", "png", "jpeg", "webp"];
-
 fn to_pair(raw: &distclip_data::RawSample, size: usize, opts: &EvalOptions) -> Option<Pair> {
-    let bytes = IMAGE_EXTS.iter().find_map(|e| raw.get(e))?;
+    let bytes = distclip_data::transform::IMAGE_KEYS.iter().find_map(|e| raw.get(e))?;
     let decoded = distclip_image::decode(bytes, opts.max_pixels).ok()?;
     let rgb = if decoded.channels == 3 { decoded } else { decoded.to_rgb() };
     let image = distclip_image::eval_transform(&rgb, size).ok()?;
     let json = raw.get("json").and_then(|b| serde_json::from_slice(b).ok());
-    let caption = match opts.caption_key.strip_prefix("json:") {
-        Some(field) => json.as_ref().and_then(|j: &serde_json::Value| j.get(field)).and_then(|v| v.as_str()).map(str::to_owned),
-        None => raw.get(&opts.caption_key).and_then(|b| std::str::from_utf8(b).ok()).map(|s| s.trim().to_owned()),
-    }
-    .unwrap_or_default();
+    // Read as training reads it. Zero-shot sets need no caption, so a sample without a usable
+    // one keeps an empty caption here and retrieval leaves it out.
+    let caption = opts.caption_key.caption(raw).map(|c| c.trim().to_owned()).unwrap_or_default();
     Some(Pair { key: raw.key.clone(), image, caption, json })
 }
 
@@ -138,4 +135,49 @@ pub fn encode_texts(model: &Clip, device: &Device, texts: &[String], batch_size:
         out.extend(f.into_data().try_to_vec::<f32>().map_err(|e| EvalError::Model(format!("{e:?}")))?);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use distclip_data::transform::select;
+    use distclip_data::{CaptionKey, RawSample, SamplePos, TransformConfig};
+
+    fn jpeg() -> Vec<u8> {
+        let mut out = Vec::new();
+        image::RgbImage::from_fn(8, 8, |x, y| image::Rgb([(x * 30) as u8, (y * 30) as u8, 9]))
+            .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Jpeg)
+            .unwrap();
+        out
+    }
+
+    /// `data.caption_key` means the same in training (the loader's `select`) and evaluation
+    /// (`to_pair`), for a plain member, another member and a JSON field; before, training read
+    /// `txt` for every key that was not `json:` and evaluation ignored the run's key.
+    #[test]
+    fn training_and_evaluation_read_the_same_caption() {
+        let members: Vec<(String, Vec<u8>)> = vec![
+            ("jpg".into(), jpeg()),
+            ("txt".into(), b"from txt".to_vec()),
+            ("caption".into(), b"from caption".to_vec()),
+            ("json".into(), br#"{"caption": "from json"}"#.to_vec()),
+        ];
+        let raw = RawSample { key: "k".into(), members, pos: SamplePos { shard: 0, index: 0 }, cut_by_duplicate: false, draw: 0 };
+        for (key, want) in [("txt", "from txt"), ("caption", "from caption"), ("json:caption", "from json")] {
+            let key: CaptionKey = key.parse().unwrap();
+            let train = TransformConfig { image_size: 8, caption_key: key.clone(), ..TransformConfig::default() };
+            let (_, _, trained) = select(&raw, &train).unwrap();
+            let eval = EvalOptions { caption_key: key.clone(), ..EvalOptions::default() };
+            let evaluated = to_pair(&raw, 8, &eval).unwrap().caption;
+            assert_eq!((trained.as_str(), evaluated.as_str()), (want, want), "{key}");
+        }
+        // A key the sample lacks: training skips the sample as missing its caption; evaluation
+        // keeps the image (zero-shot needs no caption) with an empty caption, which retrieval
+        // leaves out.
+        let absent: CaptionKey = "json:alt".parse().unwrap();
+        let train = TransformConfig { image_size: 8, caption_key: absent.clone(), ..TransformConfig::default() };
+        assert_eq!(select(&raw, &train).unwrap_err().reason, distclip_data::SkipReason::MissingCaption);
+        let eval = EvalOptions { caption_key: absent, ..EvalOptions::default() };
+        assert_eq!(to_pair(&raw, 8, &eval).unwrap().caption, "");
+    }
 }

@@ -16,8 +16,8 @@ use distclip_comm::{CommOptions, Group, GroupSpec, PeerServer};
 use distclip_config::{Augment, RunConfig};
 use distclip_data::loader::ShardSummary;
 use distclip_data::{
-    Augment as DataAugment, Batch, Loader, LoaderConfig, Order, RetryPolicy, ShardList, ShardOpener, ShardTask,
-    TransformConfig,
+    Augment as DataAugment, Batch, CaptionKey, Loader, LoaderConfig, Order, RetryPolicy, ShardList, ShardOpener,
+    ShardTask, TransformConfig,
 };
 use distclip_model::ClipConfig;
 use distclip_model::checkpoint::{load_state_dict, read_state_dict};
@@ -544,7 +544,15 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
         templates: Vec::new(),
         retrieval: config.eval.retrieval.clone(),
     };
-    let evaluator = Evaluator { model: &model_cfg, device: &device, suite, batch_size: config.eval.batch_size };
+    let caption_key: CaptionKey =
+        config.data.caption_key.parse().map_err(|e| WorkerError::Config(format!("data.caption_key: {e}")))?;
+    let evaluator = Evaluator {
+        model: &model_cfg,
+        device: &device,
+        suite,
+        batch_size: config.eval.batch_size,
+        caption_key: caption_key.clone(),
+    };
     let accum = config.train.accum_freq.max(1);
 
     // The state a healing peer pulls: refreshed whenever the membership changes.
@@ -564,7 +572,6 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
         ShardList::parse(&config.data.train).map_err(|e| WorkerError::Config(format!("data.train: {e}")))?,
     );
     let opener = ShardOpener::new(RetryPolicy::default());
-    let caption_key = config.data.caption_key.strip_prefix("json:").map(str::to_owned);
     let loader_cfg = LoaderConfig {
         threads: opts.data_threads.max(1),
         batch_size: config.train.batch_size,
@@ -583,7 +590,7 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
                 Augment::Random => DataAugment::train(),
                 Augment::None => DataAugment::None,
             },
-            caption_key,
+            caption_key: caption_key.clone(),
             ..TransformConfig::default()
         },
     };
@@ -953,6 +960,8 @@ struct Evaluator<'a> {
     device: &'a Device,
     suite: Suite,
     batch_size: usize,
+    /// `data.caption_key`: retrieval sets are read like the training data.
+    caption_key: CaptionKey,
 }
 
 impl Evaluator<'_> {
@@ -970,7 +979,11 @@ impl Evaluator<'_> {
                 return None;
             }
         };
-        let opts = EvalOptions { batch_size: self.batch_size.max(1), ..EvalOptions::default() };
+        let opts = EvalOptions {
+            batch_size: self.batch_size.max(1),
+            caption_key: self.caption_key.clone(),
+            ..EvalOptions::default()
+        };
         match distclip_eval::evaluate(&model, self.device, &self.suite, &opts) {
             Ok(v) => {
                 tracing::info!("evaluated after step {} in {:.1}s", trainer.step(), t.elapsed().as_secs_f64());

@@ -67,6 +67,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         extra.push(format!("cluster.max_workers={n}"));
     }
     let config = args.run.load(&extra)?;
+    // Workers would refuse it one by one: refuse it here, before any joins.
+    config
+        .data
+        .caption_key
+        .parse::<distclip_data::CaptionKey>()
+        .map_err(|e| anyhow::anyhow!("data.caption_key = {:?}: {e}", config.data.caption_key))?;
     let list = distclip_data::ShardList::parse(&config.data.train)
         .with_context(|| format!("expanding the dataset spec {:?}", config.data.train))?;
     let shards = list

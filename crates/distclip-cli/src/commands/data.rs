@@ -100,7 +100,7 @@ fn stats(args: StatsArgs) -> anyhow::Result<()> {
             image_size: args.image_size,
             augment: if args.augment == "train" { Augment::train() } else { Augment::None },
             max_pixels: args.max_pixels,
-            caption_key: args.caption_key,
+            caption_key: args.caption_key.map_or_else(Default::default, distclip_data::CaptionKey::JsonField),
             max_caption_chars: args.max_caption_chars,
             ..Default::default()
         },

@@ -26,6 +26,10 @@ pub struct Args {
     /// A captioned WebDataset spec for image<->text retrieval.
     #[arg(long)]
     retrieval: Option<String>,
+    /// Where the retrieval captions are, as `data.caption_key` in a run config: `txt`, another
+    /// member such as `caption`, or `json:FIELD`.
+    #[arg(long, default_value = "txt", value_parser = clap::value_parser!(distclip_data::CaptionKey))]
+    caption_key: distclip_data::CaptionKey,
     /// Images per forward pass.
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
@@ -49,7 +53,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let device = distclip_model::device::parse_device(&args.device)?;
     device.seed(args.seed);
     let model = super::embed::load_model(&args.model, args.checkpoint.as_ref(), &device)?;
-    let opts = EvalOptions { batch_size: args.batch_size.max(1), max_samples: args.max_samples, ..Default::default() };
+    let opts = EvalOptions {
+        batch_size: args.batch_size.max(1),
+        max_samples: args.max_samples,
+        caption_key: args.caption_key.clone(),
+        ..Default::default()
+    };
     let suite = Suite {
         zeroshot: args.zeroshot.as_ref().map(|p| p.display().to_string()),
         templates: args.template.clone(),

@@ -1,0 +1,105 @@
+//! Where a sample's caption is (`data.caption_key`), read the same way by training, `distclip
+//! data` and evaluation: a member of the sample (`txt`, as OpenCLIP's `text="txt"`, or any
+//! other extension such as `caption`), or a string field of its `json` member (`json:FIELD`).
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::samples::{RawSample, SkipReason};
+use crate::transform::{Skip, skip};
+
+/// A caption's place in a sample, parsed from `data.caption_key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaptionKey {
+    /// The whole member with this extension, as UTF-8 text (`txt`).
+    Member(String),
+    /// This string field of the `json` member (`json:FIELD`).
+    JsonField(String),
+}
+
+impl Default for CaptionKey {
+    fn default() -> Self {
+        CaptionKey::Member("txt".into())
+    }
+}
+
+impl FromStr for CaptionKey {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if let Some(field) = s.strip_prefix("json:") {
+            if field.is_empty() {
+                return Err("`json:` needs a field name, e.g. `json:caption`".into());
+            }
+            return Ok(CaptionKey::JsonField(field.to_owned()));
+        }
+        if s.is_empty() || s.contains(['/', '\\']) || s.starts_with('.') {
+            return Err(format!(
+                "{s:?} is not a member extension: give `txt`, another extension such as `caption`, or `json:FIELD`"
+            ));
+        }
+        Ok(CaptionKey::Member(s.to_owned()))
+    }
+}
+
+impl fmt::Display for CaptionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CaptionKey::Member(m) => f.write_str(m),
+            CaptionKey::JsonField(field) => write!(f, "json:{field}"),
+        }
+    }
+}
+
+impl CaptionKey {
+    /// The member the caption is read from.
+    pub fn member(&self) -> &str {
+        match self {
+            CaptionKey::Member(m) => m,
+            CaptionKey::JsonField(_) => "json",
+        }
+    }
+
+    /// The caption in `raw`, or why it has none usable: missing member or field, not UTF-8,
+    /// malformed JSON, a field that is not a string. The text is kept as stored (the tokenizer
+    /// cleans whitespace, as OpenCLIP's does).
+    pub fn caption(&self, raw: &RawSample) -> Result<String, Skip> {
+        let bytes = raw
+            .get(self.member())
+            .ok_or_else(|| skip(SkipReason::MissingCaption, format!("no `{}` member", self.member())))?;
+        self.text(bytes)
+    }
+
+    /// The caption held in the bytes of [`CaptionKey::member`].
+    pub fn text(&self, bytes: &[u8]) -> Result<String, Skip> {
+        let text = std::str::from_utf8(bytes).map_err(|e| skip(SkipReason::CaptionNotUtf8, e.to_string()))?;
+        let CaptionKey::JsonField(key) = self else { return Ok(text.to_owned()) };
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| skip(SkipReason::BadCaptionJson, e.to_string()))?;
+        match value.get(key) {
+            None | Some(serde_json::Value::Null) => {
+                Err(skip(SkipReason::MissingCaption, format!("json has no field {key:?}")))
+            }
+            Some(serde_json::Value::String(s)) => Ok(s.clone()),
+            Some(other) => Err(skip(SkipReason::BadCaptionJson, format!("json field {key:?} is not a string: {other}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_parse_and_print_as_written() {
+        for s in ["txt", "caption", "json:caption"] {
+            assert_eq!(s.parse::<CaptionKey>().unwrap().to_string(), s);
+        }
+        assert_eq!("json:alt".parse::<CaptionKey>().unwrap(), CaptionKey::JsonField("alt".into()));
+        assert_eq!("caption".parse::<CaptionKey>().unwrap().member(), "caption");
+        for bad in ["", "json:", "a/b", ".txt"] {
+            assert!(bad.parse::<CaptionKey>().is_err(), "{bad:?}");
+        }
+    }
+}
