@@ -1,9 +1,10 @@
 //! Transport security for both planes: TLS from PEM files, optionally mutual (rustls). gRPC
 //! gets its settings as tonic's ([`Tls::server_config`], [`Tls::client_config`]); the data
 //! plane's framed TCP channels, which tonic does not carry, get plain rustls configurations
-//! ([`Tls::rustls_server`], [`Tls::rustls_client`]) from the same files. Every distclip process both serves (the coordinator its control plane, a worker its
-//! data plane) and calls, so each one is given the same three files: the CA that signs the run's
-//! certificates, its own certificate chain and its private key.
+//! ([`Tls::rustls_server`], [`Tls::rustls_client`]) from the same files. Every distclip process
+//! both serves (the coordinator its control plane, a worker its data plane) and calls, so each
+//! one is given the same three files: the CA that signs the run's certificates, its own
+//! certificate chain and its private key.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -167,9 +168,7 @@ impl Tls {
     /// check the server's certificate against `server_name` if one was given, else `host`, and
     /// with mutual TLS present this process's certificate.
     pub fn client_config(&self, host: &str) -> ClientTlsConfig {
-        let name = self.server_name.as_deref().unwrap_or(host);
-        // `[::1]` in a URL is `::1` in a certificate.
-        let name = name.trim_start_matches('[').trim_end_matches(']');
+        let name = self.name_for(host);
         let config = ClientTlsConfig::new()
             .ca_certificate(self.ca.clone())
             .domain_name(name)
@@ -223,10 +222,16 @@ impl Tls {
     /// The name a server dialled as `host` must prove: `server_name` if one was given, else
     /// `host` itself (a DNS name or an IP address, `[::1]` brackets allowed).
     pub fn server_name_for(&self, host: &str) -> Result<ServerName<'static>, String> {
-        let name = self.server_name.as_deref().unwrap_or(host);
-        let name = name.trim_start_matches('[').trim_end_matches(']');
+        let name = self.name_for(host);
         ServerName::try_from(name.to_owned())
             .map_err(|e| format!("`{name}` is not a DNS name or IP address a certificate can be checked against ({e}); pass --tls-server-name"))
+    }
+
+    /// The name checked in the certificate of a server dialled as `host`, for both the gRPC
+    /// and the framed TCP clients: `server_name` if given, else `host` (`[::1]` in a URL is
+    /// `::1` in a certificate).
+    fn name_for<'a>(&'a self, host: &'a str) -> &'a str {
+        self.server_name.as_deref().unwrap_or(host).trim_start_matches('[').trim_end_matches(']')
     }
 
     fn roots(&self) -> Result<rustls::RootCertStore, String> {
