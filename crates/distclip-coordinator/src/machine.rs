@@ -953,6 +953,10 @@ impl Machine {
         };
         let requests: Vec<Pending> = asked.iter().map(|(_, p)| p.clone()).collect();
         let action = self.decide_action(target, &requests);
+        if matches!(self.phase, Phase::Failed(_)) {
+            // The pending requests are answered with the failure by `poll_quorum`.
+            return;
+        }
         let final_state = if action == StepAction::Finish { self.checkpoint_state() } else { Vec::new() };
         let heal_source = asked
             .iter()
@@ -1020,7 +1024,12 @@ impl Machine {
                 .is_some_and(|n| self.epoch_samples >= n),
         };
         if epoch_done {
+            let nothing_read = self.no_samples_reason();
             self.end_epoch();
+            if let Some(reason) = nothing_read {
+                self.fail(reason);
+                return StepAction::Wait;
+            }
             if self.epoch >= self.cfg.epochs {
                 self.finish("train.epochs done");
                 return StepAction::Finish;
@@ -1035,6 +1044,39 @@ impl Machine {
         } else {
             StepAction::Wait
         }
+    }
+
+    /// Why the epoch now ending is a failure: every shard was read (or failed) and not one
+    /// sample trained. Finishing "successfully" would hide a wrong path, a bucket without the
+    /// data or a caption key no sample has.
+    fn no_samples_reason(&self) -> Option<String> {
+        let Data::Exact(l) = &self.data else { return None };
+        if self.epoch_samples > 0 {
+            return None;
+        }
+        let failed = l.failed();
+        let skipped: u64 = l.skipped_by_reason().values().sum();
+        let first = self.shards.first().map(|s| s.url.as_str()).unwrap_or("");
+        let mut reason = format!(
+            "epoch {} ended without a single sample trained: the dataset spec (data.train) has {} shards (first: {first}), \
+             {} failed to open or read",
+            self.epoch,
+            self.shards.len(),
+            failed.len()
+        );
+        if let Some(f) = failed.first() {
+            reason.push_str(&format!(" (first: {f})"));
+        }
+        reason.push_str(&format!(", and {skipped} samples were skipped as bad"));
+        let reasons = l.skipped_by_reason();
+        if !reasons.is_empty() {
+            let list: Vec<String> = reasons.iter().map(|(r, n)| format!("{r}: {n}")).collect();
+            reason.push_str(&format!(" ({})", list.join(", ")));
+        }
+        reason.push_str(
+            "; check the paths or bucket, the credentials, and data.caption_key (`distclip data stats SPEC` reads a spec the way workers do)",
+        );
+        Some(reason)
     }
 
     fn finish(&mut self, reason: &str) {

@@ -209,6 +209,39 @@ impl ShardOpener {
         }
     }
 
+    /// Whether the shard at `url` exists: a stat for a local file, one HEAD for an object
+    /// (no retries: a start-up check, not a read). `Ok(false)` only for "not found"; any other
+    /// failure (no credentials, unreachable endpoint, permission denied) is an error.
+    pub fn exists(&self, url: &str) -> Result<bool, SourceError> {
+        let failed = |message: String| SourceError::Open {
+            url: url.to_string(),
+            attempts: 1,
+            message,
+            not_found: false,
+        };
+        match Location::parse(url)? {
+            Location::Local(path) => match std::fs::metadata(&path) {
+                Ok(m) => Ok(m.is_file()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+                Err(e) => Err(failed(e.to_string())),
+            },
+            Location::Object {
+                scheme,
+                bucket,
+                key,
+            } => {
+                use object_store::ObjectStoreExt;
+                let store = self.store(url, &scheme, &bucket)?;
+                let runtime = self.runtime(url)?;
+                match runtime.block_on(store.head(&StorePath::from(key))) {
+                    Ok(_) => Ok(true),
+                    Err(object_store::Error::NotFound { .. }) => Ok(false),
+                    Err(e) => Err(failed(e.to_string())),
+                }
+            }
+        }
+    }
+
     fn open_local(&self, url: &str, path: &std::path::Path) -> Result<ShardStream, SourceError> {
         let retry = &self.inner.retry;
         let mut failures = 0;
@@ -272,6 +305,50 @@ impl ShardOpener {
         stores.insert(key, store.clone());
         Ok(store)
     }
+}
+
+/// What [`check_shards`] found.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct ShardCheck {
+    /// Shards looked at (every local one; a spread-out sample of the remote ones).
+    pub checked: usize,
+    /// Of those, the ones that exist.
+    pub found: usize,
+    /// Up to 5 that do not exist.
+    pub missing: Vec<String>,
+    /// Shards whose check failed for another reason (credentials, endpoint), with the error.
+    pub unknown: Vec<(String, String)>,
+}
+
+impl ShardCheck {
+    /// Checked shards that do not exist.
+    pub fn missing_count(&self) -> usize {
+        self.checked - self.found - self.unknown.len()
+    }
+}
+
+/// Check that the shards of a spec exist before a run starts: every local shard (a stat each)
+/// and at most `max_remote` remote ones, spread evenly over the list (one HEAD each), so that
+/// a spec of 231k objects costs a few requests.
+pub fn check_shards(opener: &ShardOpener, urls: &[&str], max_remote: usize) -> ShardCheck {
+    let (local, remote): (Vec<&str>, Vec<&str>) = urls
+        .iter()
+        .partition(|u| matches!(Location::parse(u), Ok(Location::Local(_))));
+    let step = remote.len().div_ceil(max_remote.max(1)).max(1);
+    let mut check = ShardCheck::default();
+    for url in local.into_iter().chain(remote.into_iter().step_by(step)) {
+        check.checked += 1;
+        match opener.exists(url) {
+            Ok(true) => check.found += 1,
+            Ok(false) => {
+                if check.missing.len() < 5 {
+                    check.missing.push(url.to_string());
+                }
+            }
+            Err(e) => check.unknown.push((url.to_string(), e.to_string())),
+        }
+    }
+    check
 }
 
 /// Request retries inside `object_store` stay short: ours (with resume) are the outer loop.
@@ -723,6 +800,46 @@ mod tests {
             other => panic!("{other}"),
         }
     }
+    #[test]
+    fn exists_tells_present_from_missing_on_disk_and_in_a_store() {
+        let (opener, _) = memory_opener(&[("d/0.tar", body(10))], RetryPolicy::fast(3));
+        assert!(opener.exists("memory:///d/0.tar").unwrap());
+        assert!(!opener.exists("memory:///d/1.tar").unwrap());
+        let dir = std::env::temp_dir().join(format!("distclip-exists-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("0.tar");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(opener.exists(&file.display().to_string()).unwrap());
+        assert!(opener.exists(&format!("file://{}", file.display())).unwrap());
+        assert!(!opener.exists(&dir.join("1.tar").display().to_string()).unwrap());
+        // A folder is not a shard.
+        assert!(!opener.exists(&dir.display().to_string()).unwrap());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn check_shards_stats_every_local_shard_and_samples_remote_ones() {
+        let objects: Vec<(String, Vec<u8>)> = (0..100).map(|i| (format!("d/{i}.tar"), body(1))).collect();
+        let refs: Vec<(&str, Vec<u8>)> = objects.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        let (opener, _) = memory_opener(&refs, RetryPolicy::fast(1));
+        // 200 remote shards, the first 100 present: 10 are checked, spread over the list.
+        let urls: Vec<String> = (0..200).map(|i| format!("memory:///d/{i}.tar")).collect();
+        let refs: Vec<&str> = urls.iter().map(String::as_str).collect();
+        let check = check_shards(&opener, &refs, 10);
+        assert_eq!((check.checked, check.found, check.missing_count()), (10, 5, 5));
+        assert_eq!(check.missing[0], "memory:///d/100.tar");
+        // Local shards are all checked; a bucket without a client configured is "unknown".
+        let dir = std::env::temp_dir().join(format!("distclip-check-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("0.tar"), b"x").unwrap();
+        let local: Vec<String> = (0..3).map(|i| dir.join(format!("{i}.tar")).display().to_string()).collect();
+        let mut refs: Vec<&str> = local.iter().map(String::as_str).collect();
+        refs.push("memory://no-such-bucket/0.tar");
+        let check = check_shards(&opener, &refs, 10);
+        assert_eq!((check.checked, check.found, check.missing.len(), check.unknown.len()), (4, 1, 2, 1));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
 
     #[test]
     fn a_body_cut_mid_stream_resumes_with_a_ranged_get() {

@@ -75,6 +75,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("data.caption_key = {:?}: {e}", config.data.caption_key))?;
     let list = distclip_data::ShardList::parse(&config.data.train)
         .with_context(|| format!("expanding the dataset spec {:?}", config.data.train))?;
+    check_shards_exist(&config.data.train, &list)?;
     let shards = list
         .shards
         .into_iter()
@@ -138,4 +139,37 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "the coordinator stopped before the run finished (state: {other}); restart it on the same --run-dir to resume"
         ),
     }
+}
+
+/// Refuse a spec none of whose shards exist before any worker starts (a run over it would read
+/// nothing), and warn about missing ones. Every local shard is stat'ed; at most 32 objects, spread
+/// over the list, get a HEAD. A check that cannot run (no credentials on the coordinator, an
+/// endpoint only the workers reach) is a warning, not a refusal: the workers may see more.
+fn check_shards_exist(spec: &str, list: &distclip_data::ShardList) -> anyhow::Result<()> {
+    let opener = distclip_data::ShardOpener::new(distclip_data::RetryPolicy::fast(1));
+    let urls: Vec<&str> = list.shards.iter().map(|s| s.url.as_str()).collect();
+    let check = distclip_data::check_shards(&opener, &urls, 32);
+    if let Some((url, error)) = check.unknown.first() {
+        tracing::warn!(
+            unchecked = check.unknown.len(),
+            "could not check whether shard {url} exists ({error}); the workers will find out"
+        );
+    }
+    let missing = check.missing_count();
+    if check.found == 0 && missing > 0 {
+        anyhow::bail!(
+            "no shard of the dataset spec {spec:?} exists: {missing} of {} checked are missing (first: {}). \
+             Check the path or bucket (`distclip data stats SPEC` reads a spec the way workers will)",
+            check.checked,
+            check.missing.join(", ")
+        );
+    }
+    if missing > 0 {
+        tracing::warn!(
+            "{missing} of {} checked shards of {spec:?} do not exist (first: {}); they will be counted as failed",
+            check.checked,
+            check.missing.join(", ")
+        );
+    }
+    Ok(())
 }

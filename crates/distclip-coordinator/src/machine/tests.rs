@@ -973,3 +973,39 @@ fn fresh_workers_alone_do_not_restart_a_trained_run_from_initialisation() {
     }
     assert_eq!(r.step(), 2, "the run state is left as it was, for --resume");
 }
+
+#[test]
+fn an_epoch_without_a_single_sample_fails_the_run_naming_the_data() {
+    let t = Instant::now();
+    let mut m = Machine::new(cfg(), String::new(), "run-test".into(), shards(2), t);
+    join(&mut m, "a", 0, t);
+    join(&mut m, "b", 0, t);
+    assert_eq!(lease(&mut m, "a", 1, t).len(), 1);
+    assert_eq!(lease(&mut m, "b", 1, t).len(), 1);
+    // Shard 0 cannot be opened; shard 1 has 3 samples, all without a caption.
+    let failed = ShardReport { shard: 0, epoch: 0, failed: "cannot open shard /d/0.tar: not found".into(), ..Default::default() };
+    let skipped = ShardReport {
+        shard: 1,
+        epoch: 0,
+        samples: 3,
+        skipped: vec![0, 1, 2],
+        skipped_by_reason: [("missing_caption".to_string(), 3)].into(),
+        ..Default::default()
+    };
+    for (id, r) in [("a", failed), ("b", skipped)] {
+        m.lease(&LeaseRequest { worker_id: id.into(), epoch: 0, want: 0, shard_reports: vec![r], fresh: false }, t).unwrap();
+    }
+    let ta = ask(&mut m, "a", 0, 0, false, t);
+    let tb = ask(&mut m, "b", 0, 0, false, t);
+    let Phase::Failed(reason) = m.phase().clone() else { panic!("phase {:?}", m.phase()) };
+    for part in ["epoch 0 ended without a single sample", "data.train", "2 shards (first: /d/0.tar)", "1 failed", "/d/0.tar: cannot open", "3 samples were skipped", "missing_caption: 3"] {
+        assert!(reason.contains(part), "{part:?} not in {reason:?}");
+    }
+    for (id, ticket) in [("a", ta), ("b", tb)] {
+        assert_eq!(m.poll_quorum(id, ticket), Err(MachineError::RunFailed(reason.clone())));
+    }
+    let outbox = m.take_outbox();
+    let kinds: Vec<_> = outbox.events.iter().map(|e| e.kind).collect();
+    assert!(kinds.ends_with(&["epoch_end", "failed"]), "{kinds:?}");
+    assert_eq!(outbox.audits.len(), 1, "the epoch's audit is still written");
+}
