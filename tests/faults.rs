@@ -262,3 +262,39 @@ fn sigterm_makes_a_worker_leave_and_the_others_train_on_at_once() {
     assert_eq!(audit["samples_committed"], trained, "{audit}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A spec whose shards do not exist is refused before any worker starts; shards that exist
+/// but hold no readable sample end the run with an error instead of "finished".
+#[test]
+fn a_run_with_no_readable_sample_fails_instead_of_finishing() {
+    let dir = tmp("nosamples");
+    let run = dir.join("run");
+    let missing = format!("{}/nowhere/{{0..3}}.tar", dir.display());
+    let stderr = common::err_text(&[
+        "launch", "--workers", "2", "--data", &missing, "--run-dir", run.to_str().unwrap(), "--model", "tiny",
+        "--threads", "1",
+    ]);
+    assert!(stderr.contains("no shard of the dataset spec"), "{stderr}");
+    assert!(stderr.contains("4 of 4 checked are missing"), "{stderr}");
+    assert!(stderr.contains("nowhere/0.tar"), "{stderr}");
+    assert!(!run.join("metrics.jsonl").exists(), "no worker trained");
+
+    // Two files that exist but are not tar archives.
+    let data = dir.join("garbage");
+    std::fs::create_dir_all(&data).unwrap();
+    for i in 0..2 {
+        std::fs::write(data.join(format!("{i}.tar")), vec![0xAB; 700]).unwrap();
+    }
+    let spec = format!("{}/{{0..1}}.tar", data.display());
+    let run = dir.join("run2");
+    let stderr = common::err_text(&[
+        "launch", "--workers", "2", "--data", &spec, "--run-dir", run.to_str().unwrap(), "--model", "tiny",
+        "--threads", "1", "--min-workers", "2",
+    ]);
+    assert!(stderr.contains("epoch 0 ended without a single sample trained"), "{stderr}");
+    assert!(stderr.contains("2 failed to open or read"), "{stderr}");
+    let events = jsonl(&run.join("events.jsonl"));
+    assert!(events.iter().any(|e| e["kind"] == "failed"), "{events:?}");
+    assert!(!events.iter().any(|e| e["kind"] == "finish"), "{events:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
