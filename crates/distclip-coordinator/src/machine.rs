@@ -21,7 +21,8 @@
 //!      re-leased, or shards are still being read): lease, wait for data or a shard to end
 //!      (report it), then ask again.
 //!    - NEXT_EPOCH: switch the loader to `epoch` (already there: nothing to do), lease, ask again.
-//!    - FINISH: leave.
+//!    - FINISH: leave. Rank 0 of the answer's quorum (one member holding the trained model,
+//!      the same for every FINISH answer) writes the final checkpoint; nobody else does.
 //! 4. `Commit(quorum_id, step, ok, consumed, reports, metrics)` blocks until every member voted,
 //!    one died, or voting timed out. `commit = true`: apply the update; the step is `step + 1`.
 //!    `commit = false`: drop the update but keep the batch, and ask for a quorum again for the
@@ -323,6 +324,9 @@ pub struct Machine {
     commit_quorum: u64,
     /// The newest quorum whose step was dropped (0: none), for heartbeat answers.
     abandoned_quorum: u64,
+    /// The members told FINISH first, rank 0 being the one worker that writes the final
+    /// checkpoint; later FINISH answers carry it too, so no other worker writes.
+    final_quorum: Option<Quorum>,
     outbox: Outbox,
     telemetry: telemetry::Telemetry,
 }
@@ -372,6 +376,7 @@ impl Machine {
             non_finite_streak: 0,
             commit_quorum: 0,
             abandoned_quorum: 0,
+            final_quorum: None,
             outbox: Outbox::default(),
             telemetry: Default::default(),
         }
@@ -827,10 +832,35 @@ impl Machine {
         }
     }
 
+    /// The quorum FINISH is answered with: the members in rank order, except that the first one
+    /// holding the coordinator's step and history comes first, since rank 0 writes the final
+    /// checkpoint and must hold the trained model.
+    fn finish_quorum(&self, asked: &[(MemberInfo, Pending)]) -> Quorum {
+        let mut order: Vec<&(MemberInfo, Pending)> = asked.iter().collect();
+        if let Some(i) = order.iter().position(|(_, p)| self.up_to_date(p)) {
+            let writer = order.remove(i);
+            order.insert(0, writer);
+        }
+        Quorum {
+            quorum_id: self.quorum_id,
+            step: self.step,
+            members: order
+                .iter()
+                .enumerate()
+                .map(|(rank, (m, _))| Member {
+                    worker_id: m.worker_id.clone(),
+                    rank: rank as u32,
+                    peer_address: m.peer_address.clone(),
+                    device: m.device.clone(),
+                })
+                .collect(),
+        }
+    }
+
     fn finish_answer(&self, step: u64) -> QuorumResponse {
         QuorumResponse {
             action: StepAction::Finish as i32,
-            quorum: None,
+            quorum: self.final_quorum.clone(),
             step,
             epoch: self.epoch,
             heal_from: String::new(),
@@ -843,6 +873,17 @@ impl Machine {
         match self.phase {
             Phase::Failed(_) => return,
             Phase::Finished => {
+                if self.final_quorum.is_none() {
+                    // Finished before this coordinator formed a quorum (a resumed finished
+                    // run): the writer is among those asking now.
+                    let asking: Vec<(MemberInfo, Pending)> = self
+                        .members
+                        .in_join_order()
+                        .into_iter()
+                        .filter_map(|m| self.pending.get(&m.worker_id).map(|p| (m.clone(), p.clone())))
+                        .collect();
+                    self.final_quorum = Some(self.finish_quorum(&asking));
+                }
                 let answer = self.finish_answer(self.step);
                 for (id, p) in std::mem::take(&mut self.pending) {
                     self.answers.insert(id, (p.ticket, answer.clone()));
@@ -958,6 +999,13 @@ impl Machine {
             return;
         }
         let final_state = if action == StepAction::Finish { self.checkpoint_state() } else { Vec::new() };
+        let quorum = if action == StepAction::Finish {
+            let q = self.finish_quorum(&asked);
+            self.final_quorum = Some(q.clone());
+            q
+        } else {
+            quorum
+        };
         let heal_source = asked
             .iter()
             .find(|(_, p)| self.up_to_date(p))

@@ -605,6 +605,9 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
     let mut reports: Vec<pb::ShardReport> = Vec::new();
     let mut group: Option<Arc<Group>> = None;
     let mut rank = 0usize;
+    // Whether this worker writes the final checkpoint and evaluation: rank 0 of the quorum
+    // the coordinator answered FINISH with (exactly one worker of the run).
+    let mut final_writer = false;
     // The quorum id under which the last applied step committed: with the step, this
     // worker's history (QuorumRequest.commit_quorum).
     let mut commit_quorum = 0u64;
@@ -677,6 +680,10 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
         match pb::StepAction::try_from(q.action).unwrap_or(pb::StepAction::Unspecified) {
             pb::StepAction::Finish => {
                 set_serving(false);
+                if let Some(me) = q.quorum.as_ref().and_then(|fq| fq.members.iter().find(|m| m.worker_id == worker_id)) {
+                    rank = me.rank as usize;
+                    final_writer = me.rank == 0;
+                }
                 final_state = q.run_state;
                 break;
             }
@@ -850,7 +857,7 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
         rt.shutdown_timeout(Duration::from_secs(1));
         return Ok(WorkerOutcome { steps: trainer.step(), rank, params_checksum: final_checksum, left: true });
     }
-    if rank == 0 {
+    if final_writer {
         let step = trainer.step();
         let results = if last_eval != Some(step) { evaluator.run(&trainer) } else { None };
         let written = (!final_state.is_empty())

@@ -1009,3 +1009,44 @@ fn an_epoch_without_a_single_sample_fails_the_run_naming_the_data() {
     assert!(kinds.ends_with(&["epoch_end", "failed"]), "{kinds:?}");
     assert_eq!(outbox.audits.len(), 1, "the epoch's audit is still written");
 }
+
+#[test]
+fn exactly_one_worker_is_told_to_write_the_final_checkpoint() {
+    let mut c = cfg();
+    c.max_steps = Some(1);
+    c.step_timeout = Duration::from_secs(1);
+    let t = Instant::now();
+    let mut m = Machine::new(c, String::new(), "run-test".into(), shards(4), t);
+    for id in ["a", "b", "c"] {
+        join(&mut m, id, 0, t);
+    }
+    let tickets: Vec<u64> = ["a", "b", "c"].iter().map(|id| ask(&mut m, id, 0, 0, true, t)).collect();
+    let q = answer(&m, "a", tickets[0]);
+    let ranks: Vec<u32> = q.quorum.as_ref().unwrap().members.iter().map(|m| m.rank).collect();
+    assert_eq!(ranks, [0, 1, 2], "ranks are unique and dense");
+    for id in ["a", "b", "c"] {
+        vote(&mut m, id, &q, &[], vec![], t);
+    }
+    assert_eq!(m.step(), 1);
+    // "a" is behind (it restarted from step 0): it must not be the writer although it joined first.
+    let ta = ask(&mut m, "a", 0, 0, true, t);
+    let tb = ask(&mut m, "b", 1, 0, true, t);
+    // "c" is slow: the quorum forms without it once the step timeout passed, and it is
+    // answered later, from the finished phase.
+    m.tick(ms(t, 2_000));
+    let fa = answer(&m, "a", ta);
+    let fb = answer(&m, "b", tb);
+    let tc = ask(&mut m, "c", 1, 0, true, ms(t, 2_010));
+    let fc = answer(&m, "c", tc);
+    let writers: Vec<String> = [&fa, &fb, &fc]
+        .iter()
+        .map(|r| {
+            assert_eq!(action(r), StepAction::Finish);
+            let fq = r.quorum.as_ref().expect("FINISH carries the final quorum");
+            fq.members.iter().find(|m| m.rank == 0).unwrap().worker_id.clone()
+        })
+        .collect();
+    assert_eq!(writers, ["b", "b", "b"], "one writer, up to date, named in every FINISH answer");
+    let fq = fc.quorum.unwrap();
+    assert!(fq.members.iter().all(|m| m.worker_id != "c"), "the straggler is not in the final quorum");
+}
