@@ -841,13 +841,26 @@ impl Machine {
             let writer = order.remove(i);
             order.insert(0, writer);
         }
+        self.quorum_of(self.step, order.into_iter().map(|(m, _)| m))
+    }
+
+    /// Members that asked for a quorum, in rank (join) order, with their requests.
+    fn asking(&self) -> Vec<(MemberInfo, Pending)> {
+        self.members
+            .in_join_order()
+            .into_iter()
+            .filter_map(|m| self.pending.get(&m.worker_id).map(|p| (m.clone(), p.clone())))
+            .collect()
+    }
+
+    /// The quorum of `members` for `step`, ranked in the order given.
+    fn quorum_of<'a>(&self, step: u64, members: impl Iterator<Item = &'a MemberInfo>) -> Quorum {
         Quorum {
             quorum_id: self.quorum_id,
-            step: self.step,
-            members: order
-                .iter()
+            step,
+            members: members
                 .enumerate()
-                .map(|(rank, (m, _))| Member {
+                .map(|(rank, m)| Member {
                     worker_id: m.worker_id.clone(),
                     rank: rank as u32,
                     peer_address: m.peer_address.clone(),
@@ -876,13 +889,7 @@ impl Machine {
                 if self.final_quorum.is_none() {
                     // Finished before this coordinator formed a quorum (a resumed finished
                     // run): the writer is among those asking now.
-                    let asking: Vec<(MemberInfo, Pending)> = self
-                        .members
-                        .in_join_order()
-                        .into_iter()
-                        .filter_map(|m| self.pending.get(&m.worker_id).map(|p| (m.clone(), p.clone())))
-                        .collect();
-                    self.final_quorum = Some(self.finish_quorum(&asking));
+                    self.final_quorum = Some(self.finish_quorum(&self.asking()));
                 }
                 let answer = self.finish_answer(self.step);
                 for (id, p) in std::mem::take(&mut self.pending) {
@@ -902,17 +909,7 @@ impl Machine {
             self.phase = Phase::Waiting;
             return;
         }
-        // Members that asked, in rank (join) order, with their requests.
-        let asked: Vec<(MemberInfo, Pending)> = self
-            .members
-            .in_join_order()
-            .into_iter()
-            .filter_map(|m| {
-                self.pending
-                    .get(&m.worker_id)
-                    .map(|p| (m.clone(), p.clone()))
-            })
-            .collect();
+        let asked = self.asking();
         let all = asked.len() == live;
         if !all {
             let oldest = asked.iter().map(|(_, p)| p.since).min();
@@ -978,20 +975,6 @@ impl Machine {
                 json!({"members": names, "world_size": names.len(), "quorum_id": self.quorum_id}),
             );
         }
-        let quorum = Quorum {
-            quorum_id: self.quorum_id,
-            step: target,
-            members: asked
-                .iter()
-                .enumerate()
-                .map(|(rank, (m, _))| Member {
-                    worker_id: m.worker_id.clone(),
-                    rank: rank as u32,
-                    peer_address: m.peer_address.clone(),
-                    device: m.device.clone(),
-                })
-                .collect(),
-        };
         let requests: Vec<Pending> = asked.iter().map(|(_, p)| p.clone()).collect();
         let action = self.decide_action(target, &requests);
         if matches!(self.phase, Phase::Failed(_)) {
@@ -1004,7 +987,7 @@ impl Machine {
             self.final_quorum = Some(q.clone());
             q
         } else {
-            quorum
+            self.quorum_of(target, asked.iter().map(|(m, _)| m))
         };
         let heal_source = asked
             .iter()
@@ -1103,7 +1086,8 @@ impl Machine {
             return None;
         }
         let failed = l.failed();
-        let skipped: u64 = l.skipped_by_reason().values().sum();
+        let reasons = l.skipped_by_reason();
+        let skipped: u64 = reasons.values().sum();
         let first = self.shards.first().map(|s| s.url.as_str()).unwrap_or("");
         let mut reason = format!(
             "epoch {} ended without a single sample trained: the dataset spec (data.train) has {} shards (first: {first}), \
@@ -1116,7 +1100,6 @@ impl Machine {
             reason.push_str(&format!(" (first: {f})"));
         }
         reason.push_str(&format!(", and {skipped} samples were skipped as bad"));
-        let reasons = l.skipped_by_reason();
         if !reasons.is_empty() {
             let list: Vec<String> = reasons.iter().map(|(r, n)| format!("{r}: {n}")).collect();
             reason.push_str(&format!(" ({})", list.join(", ")));
