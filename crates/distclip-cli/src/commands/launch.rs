@@ -64,6 +64,19 @@ struct Proc {
     name: String,
     child: Child,
     status: Option<ExitStatus>,
+    /// The threads relaying its stdout and stderr; they end when it has exited and its last
+    /// line is relayed.
+    relays: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Proc {
+    /// Wait until everything the exited process wrote is relayed, so that its last words
+    /// (often the error) come before launch's own.
+    fn drain_output(&mut self) {
+        for relay in self.relays.drain(..) {
+            let _ = relay.join();
+        }
+    }
 }
 
 /// Start the run and wait for it.
@@ -286,16 +299,17 @@ fn spawn(name: &str, mut cmd: Command) -> anyhow::Result<Proc> {
         cmd.env(crate::LOG_COLOUR_ENV, "1");
     }
     let mut child = cmd.spawn().with_context(|| format!("starting {name}: {cmd:?}"))?;
+    let mut relays = Vec::new();
     if let Some(out) = child.stdout.take() {
-        forward(name, out);
+        relays.push(forward(name, out));
     }
     if let Some(err) = child.stderr.take() {
-        forward(name, err);
+        relays.push(forward(name, err));
     }
-    Ok(Proc { name: name.to_owned(), child, status: None })
+    Ok(Proc { name: name.to_owned(), child, status: None, relays })
 }
 
-fn forward(name: &str, stream: impl Read + Send + 'static) {
+fn forward(name: &str, stream: impl Read + Send + 'static) -> std::thread::JoinHandle<()> {
     let prefix = format!("{name:>11} | ");
     std::thread::spawn(move || {
         for line in BufReader::new(stream).lines() {
@@ -303,7 +317,7 @@ fn forward(name: &str, stream: impl Read + Send + 'static) {
             let mut err = std::io::stderr().lock();
             let _ = writeln!(err, "{prefix}{line}");
         }
-    });
+    })
 }
 
 /// The coordinator writes its bound address to `coordinator.addr` once it listens.
@@ -318,6 +332,7 @@ fn wait_for_address(file: &Path, coordinator: &mut Proc, stop: &AtomicBool) -> a
         }
         if let Some(s) = coordinator.child.try_wait()? {
             coordinator.status = Some(s);
+            coordinator.drain_output();
             bail!("the coordinator exited ({s}) before it listened; its log is above");
         }
         if stop.load(Ordering::SeqCst) {
