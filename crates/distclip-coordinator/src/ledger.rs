@@ -56,7 +56,8 @@ pub struct ShardState {
 }
 
 impl ShardState {
-    fn has_progress(&self) -> bool {
+    /// Whether anything is known of the shard (snapshots keep only these).
+    pub fn has_progress(&self) -> bool {
         self.total.is_some()
             || !self.committed.is_empty()
             || !self.skipped.is_empty()
@@ -139,6 +140,19 @@ pub struct EpochLedger {
     queue: VecDeque<u64>,
     committed_samples: u64,
     refused_commits: u64,
+    /// Shards changed since the last [`EpochLedger::take_changes`]: what the journal appends.
+    changed: BTreeSet<u64>,
+    /// Made since the last `take_changes`: the journal's line replaces the whole ledger.
+    fresh: bool,
+}
+
+/// The ledger changes since the last journal line: the shards that changed, whole.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LedgerChanges {
+    /// The ledger's state with only the changed shards in `shards`.
+    pub state: LedgerState,
+    /// The ledger is new (a new epoch): replace the old one instead of updating it.
+    pub fresh: bool,
 }
 
 /// Deterministic 64-bit generator (splitmix64): the shard order must be identical after a
@@ -185,6 +199,8 @@ impl EpochLedger {
             queue: order.into(),
             committed_samples: 0,
             refused_commits: 0,
+            changed: BTreeSet::new(),
+            fresh: true,
         }
     }
 
@@ -208,6 +224,8 @@ impl EpochLedger {
         }
         ledger.committed_samples = state.committed_samples;
         ledger.refused_commits = state.refused_commits;
+        // Restored from what is on disk: later journal lines update it.
+        ledger.fresh = false;
         let (started, fresh): (Vec<u64>, Vec<u64>) = order
             .into_iter()
             .partition(|&i| ledger.shards[i as usize].has_progress());
@@ -231,6 +249,23 @@ impl EpochLedger {
                 .collect(),
             committed_samples: self.committed_samples,
             refused_commits: self.refused_commits,
+        }
+    }
+
+    /// The changes since the last call (the shards changed, and the counters), and forget them.
+    pub fn take_changes(&mut self) -> LedgerChanges {
+        let changed = std::mem::take(&mut self.changed);
+        LedgerChanges {
+            state: LedgerState {
+                epoch: self.epoch,
+                shards: changed
+                    .into_iter()
+                    .filter_map(|i| self.shards.get(i as usize).cloned())
+                    .collect(),
+                committed_samples: self.committed_samples,
+                refused_commits: self.refused_commits,
+            },
+            fresh: std::mem::take(&mut self.fresh),
         }
     }
 
@@ -341,6 +376,7 @@ impl EpochLedger {
                 )));
             }
         }
+        self.changed.insert(shard);
         let mut notes = Vec::new();
         if !report.failed.is_empty() {
             if state.failed.is_none() {
@@ -467,6 +503,7 @@ impl EpochLedger {
             let Some(state) = self.shards.get_mut(group.shard as usize) else {
                 continue;
             };
+            self.changed.insert(group.shard);
             for &i in &group.indices {
                 state.committed.insert(i);
                 self.committed_samples += 1;
@@ -481,6 +518,7 @@ impl EpochLedger {
     pub fn unapply(&mut self, positions: &[(u64, RangeSet)]) {
         for (shard, set) in positions {
             if let Some(state) = self.shards.get_mut(*shard as usize) {
+                self.changed.insert(*shard);
                 state.committed.subtract(set);
                 self.committed_samples = self.committed_samples.saturating_sub(set.len());
                 if !self.queue.contains(shard) && !self.leases.contains_key(shard) {

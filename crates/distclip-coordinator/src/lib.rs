@@ -12,6 +12,7 @@
 pub mod dataset;
 pub mod error;
 mod http;
+pub mod journal;
 pub mod ledger;
 pub mod machine;
 pub mod membership;
@@ -25,6 +26,6 @@ pub mod status;
 
 pub use error::CoordinatorError;
 pub use ledger::ShardInfo;
-pub use machine::{Machine, MachineConfig, MachineError, Phase, SavedState};
+pub use machine::{Machine, MachineConfig, MachineError, Phase, SavedState, StateChanges};
 pub use persist::RunDir;
 pub use service::{Coordinator, CoordinatorOptions, MAX_MESSAGE_BYTES, RunOutcome, serve};

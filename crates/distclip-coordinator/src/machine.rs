@@ -29,7 +29,7 @@
 //!    same step (the retry gets a new quorum id, even with the same members). If `Commit` itself fails (the coordinator restarted), ask `Quorum` again: the
 //!    answer's step is authoritative, and a worker behind it is told to heal.
 
-use crate::ledger::{EpochLedger, LedgerNote, LedgerState, ShardInfo, shard_order, splitmix64};
+use crate::ledger::{EpochLedger, LedgerChanges, LedgerNote, LedgerState, ShardInfo, shard_order, splitmix64};
 use crate::membership::{JoinError, JoinKind, MemberInfo, Membership};
 use crate::ranges::RangeSet;
 use distclip_config::RunConfig;
@@ -210,7 +210,7 @@ pub struct Outbox {
     pub metrics: Vec<Value>,
     /// Epoch audits for `ledger/epoch-N.json`.
     pub audits: Vec<(u64, Value)>,
-    /// The persistent state changed: write `state.json` before answering.
+    /// The persistent state changed: journal it before answering.
     pub state_changed: bool,
     /// A commit was taken back: drop the `metrics.jsonl` lines of this step and later ones
     /// before appending `metrics`.
@@ -264,6 +264,47 @@ pub struct SavedState {
     /// The quorum id under which the last step committed (0: unknown, accept any history).
     #[serde(default)]
     pub commit_quorum: u64,
+}
+
+/// One line of the state journal: [`SavedState`] without its ledger, and the ledger's changes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StateChanges {
+    /// The scalars (its `ledger` is always `None`).
+    #[serde(flatten)]
+    pub state: SavedState,
+    /// The ledger's changed shards (absent in resampled mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ledger: Option<LedgerChanges>,
+}
+
+impl SavedState {
+    /// Bring this state up to date with journal lines, in order.
+    pub fn apply(&mut self, lines: impl IntoIterator<Item = StateChanges>) {
+        type Shards = BTreeMap<u64, crate::ledger::ShardState>;
+        let by_index = |l: LedgerState, mut map: Shards| -> (LedgerState, Shards) {
+            for s in &l.shards {
+                // A shard whose progress was taken back is untouched again: snapshots leave it out.
+                if s.has_progress() {
+                    map.insert(s.shard, s.clone());
+                } else {
+                    map.remove(&s.shard);
+                }
+            }
+            (LedgerState { shards: Vec::new(), ..l }, map)
+        };
+        let mut ledger = self.ledger.take().map(|l| by_index(l, Shards::new()));
+        for line in lines {
+            *self = line.state;
+            ledger = line.ledger.map(|changes| {
+                let kept = match ledger.take() {
+                    Some((old, map)) if !changes.fresh && old.epoch == changes.state.epoch => map,
+                    _ => Shards::new(),
+                };
+                by_index(changes.state, kept)
+            });
+        }
+        self.ledger = ledger.map(|(l, map)| LedgerState { shards: map.into_values().collect(), ..l });
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -459,6 +500,29 @@ impl Machine {
     /// Everything to persist in `state.json`.
     pub fn snapshot(&self) -> SavedState {
         SavedState {
+            ledger: match &self.data {
+                Data::Exact(l) => Some(l.state()),
+                Data::Resampled { .. } => None,
+            },
+            ..self.snapshot_without_ledger()
+        }
+    }
+
+    /// What changed since the last call, for one journal line: the scalars of [`SavedState`]
+    /// in full, and of the ledger only the shards that changed. Taking a [`Machine::snapshot`]
+    /// should go with a call, so the next line starts from that snapshot.
+    pub fn take_changes(&mut self) -> StateChanges {
+        let mut state = self.snapshot_without_ledger();
+        let ledger = match &mut self.data {
+            Data::Exact(l) => Some(l.take_changes()),
+            Data::Resampled { .. } => None,
+        };
+        state.ledger = None;
+        StateChanges { state, ledger }
+    }
+
+    fn snapshot_without_ledger(&self) -> SavedState {
+        SavedState {
             version: STATE_VERSION,
             run_id: self.run_id.clone(),
             num_shards: self.shards.len() as u64,
@@ -468,10 +532,7 @@ impl Machine {
             samples_seen: self.samples_seen,
             epoch_samples: self.epoch_samples,
             finished: self.phase == Phase::Finished,
-            ledger: match &self.data {
-                Data::Exact(l) => Some(l.state()),
-                Data::Resampled { .. } => None,
-            },
+            ledger: None,
             last_commit: self.last_commit.clone(),
             commit_quorum: self.commit_quorum,
         }
@@ -550,11 +611,6 @@ impl Machine {
     /// Changes whenever a blocked `Quorum` or `Commit` call may have its answer.
     pub fn generation(&self) -> u64 {
         self.generation
-    }
-
-    /// Ask the shell to write `state.json` (for example right after start).
-    pub fn mark_state_changed(&mut self) {
-        self.outbox.state_changed = true;
     }
 
     /// Fail the run for a reason outside the machine (the state file cannot be written).

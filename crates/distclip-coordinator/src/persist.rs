@@ -1,5 +1,6 @@
-//! The run directory: `state.json` (atomic), `config.toml`, `events.jsonl`, `metrics.jsonl`,
-//! `ledger/epoch-N.json`, `coordinator.addr` and `coordinator.http`.
+//! The run directory: `state.json` and `journal/` (the run state, see [`crate::journal`]),
+//! `config.toml`, `events.jsonl`, `metrics.jsonl`, `ledger/epoch-N.json`, `coordinator.addr`
+//! and `coordinator.http`.
 
 use crate::error::CoordinatorError;
 use crate::machine::{Event, SavedState};
@@ -67,7 +68,12 @@ impl RunDir {
         &self.root
     }
 
-    /// `state.json`.
+    /// `journal/`: the run state's changes since `state.json`.
+    pub fn journal_path(&self) -> PathBuf {
+        self.root.join("journal")
+    }
+
+    /// `state.json`: the run state's last snapshot.
     pub fn state_path(&self) -> PathBuf {
         self.root.join("state.json")
     }
@@ -142,33 +148,9 @@ impl RunDir {
         })
     }
 
-    /// The saved state, if the run directory has one.
+    /// The saved state (snapshot and journal), if the run directory has one.
     pub fn load_state(&self) -> Result<Option<SavedState>, CoordinatorError> {
-        let path = self.state_path();
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => {
-                return Err(CoordinatorError::Io {
-                    action: "read",
-                    path,
-                    source,
-                });
-            }
-        };
-        serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| CoordinatorError::State {
-                path,
-                message: e.to_string(),
-            })
-    }
-
-    /// Replace `state.json` atomically.
-    pub fn write_state(&self, state: &SavedState) -> Result<(), CoordinatorError> {
-        let mut text = serde_json::to_vec_pretty(state).unwrap_or_default();
-        text.push(b'\n');
-        self.write(self.state_path(), &text)
+        crate::journal::load(self)
     }
 
     /// Replace `config.toml`.

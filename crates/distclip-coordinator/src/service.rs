@@ -7,6 +7,7 @@ use crate::dataset::samples_from_sizes;
 use crate::error::CoordinatorError;
 use crate::ledger::ShardInfo;
 use crate::machine::{Machine, MachineConfig, MachineError, Phase};
+use crate::journal::Journal;
 use crate::persist::RunDir;
 use crate::progress::Progress;
 use distclip_config::RunConfig;
@@ -112,6 +113,8 @@ struct Shared {
     machine: Mutex<Machine>,
     changed: watch::Sender<u64>,
     dir: RunDir,
+    /// The run state on disk; locked only while `machine` is.
+    journal: Mutex<Journal>,
     token: Option<String>,
     closing: AtomicBool,
     wait_limit: Duration,
@@ -170,7 +173,7 @@ impl Shared {
             }
             let mut failed = false;
             if out.state_changed
-                && let Err(e) = self.dir.write_state(&m.snapshot())
+                && let Err(e) = self.persist(m)
             {
                 tracing::error!("{e}");
                 // A commit that is not on disk must not be acknowledged as durable.
@@ -183,6 +186,20 @@ impl Shared {
             if !failed {
                 break;
             }
+        }
+    }
+
+    /// Write the state's changes to the journal; a snapshot when the segment is due for one
+    /// (in the background) or the run has ended (now, so `state.json` tells the outcome).
+    fn persist(&self, m: &mut Machine) -> Result<(), CoordinatorError> {
+        let mut journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+        let changes = m.take_changes();
+        if matches!(m.phase(), Phase::Finished | Phase::Failed(_)) {
+            journal.snapshot_now(&m.snapshot())
+        } else if journal.wants_snapshot() {
+            journal.snapshot_in_background(m.snapshot())
+        } else {
+            journal.append(&changes)
         }
     }
 
@@ -439,6 +456,10 @@ impl Coordinator {
         let mut machine = machine;
         machine.set_checkpoints(checkpoints.display().to_string(), resume_from);
         dir.write_config(&toml)?;
+        // The state is on disk from the start, so a restart right away resumes this run id; the
+        // journal's lines start from this snapshot.
+        machine.take_changes();
+        let journal = Journal::open(&dir, &machine.snapshot())?;
         let listener = tokio::net::TcpListener::bind(&opts.listen)
             .await
             .map_err(|e| CoordinatorError::Bind {
@@ -458,6 +479,7 @@ impl Coordinator {
             machine: Mutex::new(machine),
             changed,
             dir,
+            journal: Mutex::new(journal),
             token: opts.token.filter(|t| !t.is_empty()),
             closing: AtomicBool::new(false),
             wait_limit,
@@ -469,8 +491,8 @@ impl Coordinator {
             let read = |p: std::path::PathBuf| std::fs::read_to_string(p).unwrap_or_default();
             r.seed(&read(shared.dir.metrics_path()), &read(shared.dir.events_path()));
         }
-        // The state file exists from the start, so a restart right away resumes this run id.
-        shared.with(|m, _| m.mark_state_changed());
+        // Events of the start (resume, say) reach events.jsonl before any answer.
+        shared.with(|_, _| ());
         let exit_grace = opts
             .exit_grace
             .unwrap_or((cfg.heartbeat_timeout * 2).max(Duration::from_secs(5)));

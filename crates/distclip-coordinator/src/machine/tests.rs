@@ -145,6 +145,15 @@ fn kinds(m: &mut Machine) -> Vec<&'static str> {
 }
 
 /// Two members at step 0, both with data: the first TRAIN quorum.
+/// What a coordinator restarted from the journal would load: `replica` (the state on disk)
+/// with the line for the changes since the last call applied equals the machine's state.
+fn journal_keeps_up(m: &mut Machine, replica: &mut SavedState) {
+    let line = m.take_changes();
+    let text = serde_json::to_string(&line).unwrap();
+    replica.apply([serde_json::from_str(&text).unwrap()]);
+    assert_eq!(*replica, m.snapshot());
+}
+
 fn two_training(n_shards: usize) -> (Machine, Instant, QuorumResponse) {
     let t = Instant::now();
     let mut m = Machine::new(cfg(), String::new(), "run-test".into(), shards(n_shards), t);
@@ -433,6 +442,8 @@ fn wait_then_epoch_end_then_next_epoch_then_finish() {
     c.epochs = 2;
     let t = Instant::now();
     let mut m = Machine::new(c, String::new(), "r".into(), shards(2), t);
+    let mut disk = m.snapshot();
+    m.take_changes();
     join(&mut m, "a", 0, t);
     join(&mut m, "b", 0, t);
     // Nobody has data yet: WAIT.
@@ -462,6 +473,8 @@ fn wait_then_epoch_end_then_next_epoch_then_finish() {
             .commit
     );
     assert!(m.ledger().unwrap().is_complete());
+    journal_keeps_up(&mut m, &mut disk);
+    assert_eq!(disk.ledger.as_ref().unwrap().shards[1].skipped_by_reason["decode"], 1);
     let (ta, tb) = (
         ask(&mut m, "a", 1, 0, false, t),
         ask(&mut m, "b", 1, 0, false, t),
@@ -495,6 +508,9 @@ fn wait_then_epoch_end_then_next_epoch_then_finish() {
         )
         .unwrap();
     assert!(old.leases.is_empty() && old.exhausted);
+    // The new epoch's ledger replaces the old one in the journal.
+    journal_keeps_up(&mut m, &mut disk);
+    assert_eq!(disk.ledger.as_ref().map(|l| (l.epoch, l.shards.len())), Some((1, 0)));
     assert_eq!(lease(&mut m, "a", 2, t).len(), 2);
     // A member still on the old epoch makes everyone switch first.
     let (ta, tb) = (
@@ -531,6 +547,8 @@ fn wait_then_epoch_end_then_next_epoch_then_finish() {
     );
     assert_eq!(action(&answer(&m, "a", ta)), StepAction::Finish);
     assert_eq!(m.phase(), &Phase::Finished);
+    journal_keeps_up(&mut m, &mut disk);
+    assert!(disk.finished && disk.step == 2);
     assert_eq!(m.take_outbox().audits[0].0, 1);
     // A late joiner is told to finish at once, and the run is done when everyone left.
     join(&mut m, "c", 0, t);
@@ -889,7 +907,9 @@ fn a_worker_on_a_taken_back_commit_heals_even_at_the_same_step() {
 
     // Restart. "b" and "c" (say "b" restarted as "c" too) are at step 0 with no commit.
     let t2 = ms(t, 1000);
-    let mut r = Machine::resume(cfg(), String::new(), shards(4), saved, t2).unwrap();
+    let mut r = Machine::resume(cfg(), String::new(), shards(4), saved.clone(), t2).unwrap();
+    let mut disk = saved;
+    r.take_changes();
     r.take_outbox();
     join(&mut r, "b", 0, t2);
     join(&mut r, "c", 0, t2);
@@ -897,6 +917,8 @@ fn a_worker_on_a_taken_back_commit_heals_even_at_the_same_step() {
     let redo = answer(&r, "b", tb);
     answer(&r, "c", tc);
     assert_eq!(redo.step, 0, "the unapplied commit is taken back");
+    journal_keeps_up(&mut r, &mut disk);
+    assert!(disk.last_commit.is_none() && disk.ledger.as_ref().unwrap().shards.is_empty());
     let out = r.take_outbox();
     assert!(out.events.iter().any(|e| e.kind == "commit_undone"));
     assert_eq!(out.rewind_metrics, Some(0), "its metrics line goes too");
