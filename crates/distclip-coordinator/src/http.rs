@@ -27,6 +27,11 @@ pub(crate) trait MachineView: Send + Sync + 'static {
 
     /// The document of `GET /api/status` (see [`crate::status::status_json`]).
     fn status(&self) -> serde_json::Value;
+
+    /// Latencies the shell measured, if it measures them.
+    fn latency(&self) -> Option<crate::metrics::Latency> {
+        None
+    }
 }
 
 /// The status page: static, it fetches `/api/status` itself.
@@ -45,7 +50,7 @@ pub(crate) fn router<V: MachineView>(view: Arc<V>) -> Router {
 
 async fn metrics<V: MachineView>(State(view): State<Arc<V>>) -> impl IntoResponse {
     let snapshot = view.with_machine(|m| m.metrics(Instant::now()));
-    ([(header::CONTENT_TYPE, CONTENT_TYPE)], render_prometheus(&snapshot))
+    ([(header::CONTENT_TYPE, CONTENT_TYPE)], render_prometheus(&snapshot, view.latency().as_ref()))
 }
 
 async fn page() -> impl IntoResponse {

@@ -580,7 +580,14 @@ impl EpochLedger {
         let mut no_overlap = true;
         let mut shards = Vec::new();
         let (mut committed, mut skipped, mut total) = (0u64, 0u64, 0u64);
+        let mut untouched = 0usize;
         for s in &self.shards {
+            if !s.has_progress() {
+                // Nothing to say about a shard nobody read (an epoch cut short by max_steps
+                // leaves most of a large dataset so): counted, not listed.
+                untouched += 1;
+                continue;
+            }
             let overlap = s.committed.intersection_len(&s.skipped);
             no_overlap &= overlap == 0;
             let exact = s.failed.is_none()
@@ -612,6 +619,7 @@ impl EpochLedger {
             // committed and skipped.
             "at_most_once": no_overlap && counted_once,
             "shards_total": self.shards.len(),
+            "shards_untouched": untouched,
             "samples_total": total,
             "samples_committed": committed,
             "samples_skipped": skipped,

@@ -266,6 +266,20 @@ pub struct SavedState {
     pub commit_quorum: u64,
 }
 
+/// The final quorum as `worker` is told it: the writer (rank 0) and `worker` itself with its
+/// rank, which is all a finishing worker needs; the whole list to every member would be a
+/// million entries at a thousand workers.
+fn finish_view(q: &Quorum, worker: &str) -> Quorum {
+    let members = q
+        .members
+        .iter()
+        .enumerate()
+        .filter(|(i, m)| *i == 0 || m.worker_id == worker)
+        .map(|(_, m)| m.clone())
+        .collect();
+    Quorum { quorum_id: q.quorum_id, step: q.step, members }
+}
+
 /// One line of the state journal: [`SavedState`] without its ledger, and the ledger's changes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StateChanges {
@@ -312,6 +326,8 @@ struct Pending {
     ticket: u64,
     step: u64,
     commit_quorum: u64,
+    /// The quorum whose member list the worker holds.
+    known_quorum: u64,
     epoch: u64,
     has_data: bool,
     since: Instant,
@@ -350,7 +366,9 @@ pub struct Machine {
     answers: BTreeMap<String, (u64, QuorumResponse)>,
     round: Option<Round>,
     prev_members: Option<Vec<(String, String)>>,
-    decisions: VecDeque<((u64, u64), CommitResponse)>,
+    /// Decided steps by (quorum id, step), with the rank-0 member (the only one sent the run
+    /// state of a due checkpoint: a copy per member would be the state times the world size).
+    decisions: VecDeque<((u64, u64), String, CommitResponse)>,
     last_commit: Option<CommitDelta>,
     next_ticket: u64,
     /// Bumped whenever a blocked call may have its answer (quorum formed, vote decided,
@@ -848,17 +866,22 @@ impl Machine {
             )));
         }
         self.answers.remove(&id);
-        self.pending.insert(
+        let superseded = self.pending.insert(
             id,
             Pending {
                 ticket,
                 step: req.step,
                 commit_quorum: req.commit_quorum,
+                known_quorum: req.known_quorum,
                 epoch: req.epoch,
                 has_data: req.has_data,
                 since: now,
             },
         );
+        if superseded.is_some() {
+            // The older request's wait ends (superseded).
+            self.generation += 1;
+        }
         self.try_form(now);
         Ok(ticket)
     }
@@ -926,14 +949,16 @@ impl Machine {
         }
     }
 
-    fn finish_answer(&self, step: u64) -> QuorumResponse {
+    /// FINISH for `worker`; only the writer (rank 0 of the final quorum) gets the run state.
+    fn finish_answer(&self, step: u64, worker: &str) -> QuorumResponse {
+        let writer = self.final_quorum.as_ref().and_then(|q| q.members.first());
         QuorumResponse {
             action: StepAction::Finish as i32,
-            quorum: self.final_quorum.clone(),
+            quorum: self.final_quorum.as_ref().map(|q| finish_view(q, worker)),
             step,
             epoch: self.epoch,
             heal_from: String::new(),
-            run_state: self.checkpoint_state(),
+            run_state: if writer.is_some_and(|w| w.worker_id == worker) { self.checkpoint_state() } else { Vec::new() },
             commit_quorum: self.commit_quorum,
         }
     }
@@ -947,9 +972,9 @@ impl Machine {
                     // run): the writer is among those asking now.
                     self.final_quorum = Some(self.finish_quorum(&self.asking()));
                 }
-                let answer = self.finish_answer(self.step);
                 for (id, p) in std::mem::take(&mut self.pending) {
-                    self.answers.insert(id, (p.ticket, answer.clone()));
+                    let answer = self.finish_answer(self.step, &id);
+                    self.answers.insert(id, (p.ticket, answer));
                     self.generation += 1;
                 }
                 return;
@@ -964,6 +989,16 @@ impl Machine {
         if live < self.cfg.min_workers {
             self.phase = Phase::Waiting;
             return;
+        }
+        // Runs on every request: rule out "not yet" before building the list of those asking
+        // (members only have pending requests, so counting them is enough).
+        if self.pending.len() < live {
+            let oldest = self.pending.values().map(|p| p.since).min();
+            let overdue =
+                oldest.is_some_and(|t| now.saturating_duration_since(t) > self.cfg.step_timeout);
+            if self.pending.len() < self.cfg.min_workers || !overdue {
+                return;
+            }
         }
         let asked = self.asking();
         let all = asked.len() == live;
@@ -1050,6 +1085,9 @@ impl Machine {
             .find(|(_, p)| self.up_to_date(p))
             .map(|(m, _)| m.peer_address.clone())
             .unwrap_or_default();
+        // The same quorum id means the same members: a worker that holds the list is not sent it
+        // again (FINISH is always sent whole, its order names the checkpoint writer).
+        let known = Quorum { members: Vec::new(), ..quorum.clone() };
         for (m, p) in &asked {
             self.pending.remove(&m.worker_id);
             let heal_from = if action == StepAction::Train && !self.up_to_date(p) {
@@ -1059,11 +1097,21 @@ impl Machine {
             };
             let answer = QuorumResponse {
                 action: action as i32,
-                quorum: Some(quorum.clone()),
+                quorum: Some(if action == StepAction::Finish {
+                    finish_view(&quorum, &m.worker_id)
+                } else if p.known_quorum == quorum.quorum_id {
+                    known.clone()
+                } else {
+                    quorum.clone()
+                }),
                 step: target,
                 epoch: self.epoch,
                 heal_from,
-                run_state: if action == StepAction::Finish { final_state.clone() } else { Vec::new() },
+                run_state: if action == StepAction::Finish && quorum.members.first().is_some_and(|w| w.worker_id == m.worker_id) {
+                    final_state.clone()
+                } else {
+                    Vec::new()
+                },
                 commit_quorum: self.commit_quorum,
             };
             self.answers.insert(m.worker_id.clone(), (p.ticket, answer));
@@ -1350,7 +1398,7 @@ impl Machine {
     /// [`Machine::poll_commit`].
     pub fn vote(&mut self, req: CommitRequest, now: Instant) -> Option<CommitResponse> {
         let key = (req.quorum_id, req.step);
-        if let Some(d) = self.poll_commit(req.quorum_id, req.step) {
+        if let Some(d) = self.poll_commit(req.quorum_id, req.step, &req.worker_id) {
             return Some(d);
         }
         if !self.members.touch(&req.worker_id, now) {
@@ -1381,19 +1429,22 @@ impl Machine {
             )));
         }
         round.first_vote.get_or_insert(now);
-        round.votes.insert(req.worker_id.clone(), req);
+        let worker = req.worker_id.clone();
+        round.votes.insert(worker.clone(), req);
         if round.votes.len() == round.quorum.members.len() {
             self.decide(None);
         }
-        self.poll_commit(key.0, key.1)
+        self.poll_commit(key.0, key.1, &worker)
     }
 
-    /// The decision on a step, once made.
-    pub fn poll_commit(&self, quorum_id: u64, step: u64) -> Option<CommitResponse> {
-        self.decisions
-            .iter()
-            .find(|(k, _)| *k == (quorum_id, step))
-            .map(|(_, d)| d.clone())
+    /// The decision on a step, once made, as `worker` gets it.
+    pub fn poll_commit(&self, quorum_id: u64, step: u64, worker: &str) -> Option<CommitResponse> {
+        let (_, writer, d) = self.decisions.iter().find(|(k, _, _)| *k == (quorum_id, step))?;
+        Some(if writer == worker {
+            d.clone()
+        } else {
+            CommitResponse { commit: d.commit, reason: d.reason.clone(), run_state: Vec::new() }
+        })
     }
 
     /// Close the open vote: `abort` says why it cannot commit; otherwise the votes decide.
@@ -1462,7 +1513,8 @@ impl Machine {
             // vote (and any data-plane message) is never confused with the failed attempt's.
             self.prev_members = None;
         }
-        self.decisions.push_back((key, response));
+        let writer = round.quorum.members.first().map(|m| m.worker_id.clone()).unwrap_or_default();
+        self.decisions.push_back((key, writer, response));
         self.generation += 1;
         while self.decisions.len() > 64 {
             self.decisions.pop_front();

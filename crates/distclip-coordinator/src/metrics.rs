@@ -10,6 +10,7 @@ use prometheus_client::encoding::prometheus_text;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Metric, Registry};
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
@@ -110,6 +111,20 @@ pub struct RunMetrics {
     pub per_worker: Vec<WorkerMetrics>,
 }
 
+/// Latencies the gRPC shell observes (the machine knows no time of its own work).
+#[derive(Debug, Clone)]
+pub struct Latency {
+    /// A deciding vote's work under the coordinator's lock: checking the step, entering its
+    /// positions in the ledger, the journal line and its fsync.
+    pub commit: Histogram,
+}
+
+impl Default for Latency {
+    fn default() -> Self {
+        Self { commit: Histogram::new([1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 1.0]) }
+    }
+}
+
 type Labels = Vec<(String, String)>;
 type FloatGauge = Gauge<f64, AtomicU64>;
 
@@ -168,8 +183,11 @@ impl Builder {
 ///
 /// Per-worker series carry `worker` (its id) and `rank` (in the current quorum; empty when it
 /// is not in it). Help texts get a final period from the encoder.
-pub fn render_prometheus(m: &RunMetrics) -> String {
+pub fn render_prometheus(m: &RunMetrics, latency: Option<&Latency>) -> String {
     let mut b = Builder(Registry::default());
+    if let Some(l) = latency {
+        b.add("distclip_coordinator_commit_seconds", "Time a deciding vote spent in the coordinator: ledger, journal line and fsync", l.commit.clone());
+    }
     let info = Family::<Labels, Gauge>::default();
     info.get_or_create(&vec![("run_id".into(), m.run_id.clone()), ("state".into(), m.state.into())])
         .set(1);
@@ -337,7 +355,7 @@ mod tests {
 
     #[test]
     fn renders_names_types_labels_and_values() {
-        let text = render_prometheus(&sample());
+        let text = render_prometheus(&sample(), None);
         let s = series(&text);
         let v = |k: &str| s.get(k).unwrap_or_else(|| panic!("no series {k}:\n{text}")).as_str();
         assert_eq!(v("distclip_step"), "12");
@@ -389,7 +407,7 @@ mod tests {
         m.per_worker.clear();
         m.skipped_samples_by_reason.clear();
         m.state = "finished";
-        let text = render_prometheus(&m);
+        let text = render_prometheus(&m, None);
         let s = series(&text);
         for name in ["distclip_loss", "distclip_learning_rate", "distclip_logit_scale", "distclip_grad_norm"] {
             assert!(!s.contains_key(name), "{name} before any commit:\n{text}");

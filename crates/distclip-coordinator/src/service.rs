@@ -121,6 +121,7 @@ struct Shared {
     progress: Mutex<Progress>,
     /// Curves and latest events for the status page.
     recent: Mutex<crate::status::Recent>,
+    latency: crate::metrics::Latency,
 }
 
 impl Shared {
@@ -137,7 +138,6 @@ impl Shared {
         // Twice at most: a failed state write fails the run, which is itself an outbox entry.
         for _ in 0..2 {
             let out = m.take_outbox();
-            let touched = out.state_changed || !out.events.is_empty() || !out.metrics.is_empty();
             for (epoch, audit) in &out.audits {
                 if let Err(e) = self.dir.write_audit(*epoch, audit) {
                     tracing::error!("{e}");
@@ -180,7 +180,9 @@ impl Shared {
                 m.fail_external(format!("{e}"));
                 failed = true;
             }
-            if touched || m.generation() != *self.changed.borrow() {
+            // Blocked calls poll again only when an answer may have changed: with a thousand
+            // members, waking all of them on every request would cost a million polls a step.
+            if m.generation() != *self.changed.borrow() {
                 self.changed.send_replace(m.generation());
             }
             if !failed {
@@ -348,11 +350,17 @@ impl CoordinatorRpc for Service {
         self.0.authorize(&request, "Commit")?;
         let req = request.into_inner();
         let key = (req.quorum_id, req.step);
-        if let Some(d) = self.0.with(|m, now| m.vote(req, now)) {
+        let worker = req.worker_id.clone();
+        // `now` is taken once the lock is held: the time is the work, not the wait for it.
+        let (decided, locked) = self.0.with(|m, now| (m.vote(req, now), now));
+        if let Some(d) = decided {
+            // This vote decided (or repeated a decided one): what a commit costs, the journal's
+            // fsync included.
+            self.0.latency.commit.observe(locked.elapsed().as_secs_f64());
             return Ok(Response::new(d));
         }
         self.0
-            .wait_for(|m| Ok(m.poll_commit(key.0, key.1)))
+            .wait_for(|m| Ok(m.poll_commit(key.0, key.1, &worker)))
             .await
             .map(Response::new)
     }
@@ -485,6 +493,7 @@ impl Coordinator {
             wait_limit,
             progress: Mutex::new(Progress::new(cfg.total_steps, cfg.epochs, config.log.every_steps)),
             recent: Mutex::new(crate::status::Recent::default()),
+            latency: Default::default(),
         });
         // A restarted coordinator's page starts with the run's history, not a blank.
         if let Ok(mut r) = shared.recent.lock() {
@@ -650,5 +659,9 @@ impl crate::http::MachineView for Shared {
         };
         let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         crate::status::status_json(&metrics, &recent, eta, rate)
+    }
+
+    fn latency(&self) -> Option<crate::metrics::Latency> {
+        Some(self.latency.clone())
     }
 }

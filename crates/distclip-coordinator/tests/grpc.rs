@@ -113,6 +113,8 @@ async fn fake_worker(addr: String, id: String, batch: usize, start_step: u64) ->
     let mut held: VecDeque<(u64, VecDeque<u64>)> = VecDeque::new();
     let mut pending: Option<(Vec<ShardIndices>, Vec<ShardReport>)> = None;
     let mut committed = Vec::new();
+    // The quorum whose member list this worker holds, and the TRAIN answers that left it out.
+    let (mut known, mut without_members) = (0u64, 0u64);
     loop {
         let reading = held.len() as u32;
         if reading < 2 {
@@ -145,6 +147,7 @@ async fn fake_worker(addr: String, id: String, batch: usize, start_step: u64) ->
                 epoch,
                 has_data,
                 commit_quorum: 0,
+                known_quorum: known,
             })
             .await
             .unwrap()
@@ -153,6 +156,13 @@ async fn fake_worker(addr: String, id: String, batch: usize, start_step: u64) ->
             StepAction::Train => {
                 assert_eq!(q.step, step, "no worker falls behind in this test");
                 assert!(q.heal_from.is_empty());
+                let members = &q.quorum.as_ref().unwrap().members;
+                if members.is_empty() {
+                    assert_eq!(q.quorum.as_ref().unwrap().quorum_id, known, "left out only for the quorum held");
+                    without_members += 1;
+                } else {
+                    known = q.quorum.as_ref().unwrap().quorum_id;
+                }
                 // Keep the batch of a step that did not commit; otherwise take the next one.
                 let (consumed, reports) = pending.take().unwrap_or_else(|| {
                     let mut groups: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
@@ -232,6 +242,7 @@ async fn fake_worker(addr: String, id: String, batch: usize, start_step: u64) ->
         }
     }
     hb.abort();
+    assert!(step - start_step < 2 || without_members > 0, "{id}: every answer carried the member list");
     c.leave(LeaveRequest {
         worker_id: id,
         reason: "finished".into(),

@@ -92,7 +92,7 @@ async fn metrics_show_members_and_a_committed_step() {
         .leases;
     assert_eq!(leases[0].shard, 0);
     let q = c
-        .quorum(QuorumRequest { worker_id: "w0".into(), step: 0, epoch: 0, has_data: true, commit_quorum: 0 })
+        .quorum(QuorumRequest { worker_id: "w0".into(), step: 0, epoch: 0, has_data: true, commit_quorum: 0, known_quorum: 0 })
         .await
         .unwrap()
         .into_inner();
@@ -152,7 +152,7 @@ async fn metrics_show_members_and_a_committed_step() {
 
     // max_steps = 1: the next quorum finishes the run, and /metrics says so.
     let q = c
-        .quorum(QuorumRequest { worker_id: "w0".into(), step: 1, epoch: 0, has_data: true, commit_quorum: 0 })
+        .quorum(QuorumRequest { worker_id: "w0".into(), step: 1, epoch: 0, has_data: true, commit_quorum: 0, known_quorum: 0 })
         .await
         .unwrap()
         .into_inner();

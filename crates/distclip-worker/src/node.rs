@@ -611,6 +611,8 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
     // The quorum id under which the last applied step committed: with the step, this
     // worker's history (QuorumRequest.commit_quorum).
     let mut commit_quorum = 0u64;
+    // The last quorum sent with its member list: TRAIN answers for it come without one.
+    let mut known: Option<pb::Quorum> = None;
     let mut left = false;
     loop {
         // Between steps: what was loaded but not committed goes back with the leases (committed
@@ -664,6 +666,7 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
             epoch,
             has_data: !micro.is_empty(),
             commit_quorum,
+            known_quorum: known.as_ref().map_or(0, |k| k.quorum_id),
         };
         let q = link.call(&rt, "quorum", trainer.step(), |mut c| {
             let req = req.clone();
@@ -718,10 +721,14 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
         if q.epoch != epoch {
             epoch = q.epoch;
         }
-        let quorum = q.quorum.ok_or_else(|| WorkerError::Coordinator {
+        let mut quorum = q.quorum.ok_or_else(|| WorkerError::Coordinator {
             url: url.clone(),
             message: "quorum answer without a quorum".into(),
         })?;
+        match &known {
+            Some(k) if quorum.members.is_empty() && k.quorum_id == quorum.quorum_id => quorum.members = k.members.clone(),
+            _ => known = Some(quorum.clone()),
+        }
         rank = quorum
             .members
             .iter()

@@ -17,6 +17,8 @@ pub enum BenchCommand {
     Data(super::bench_data::DataArgs),
     /// Bandwidth of collectives between worker processes on loopback (nccl-tests figures).
     Collective(super::bench_collective::Args),
+    /// A coordinator under simulated workers over gRPC on loopback: RPC and commit latency, RSS.
+    Coordinator(super::bench_coordinator::Args),
 }
 
 /// Arguments of `distclip bench train`.
@@ -51,6 +53,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Train(a) => train(a),
         BenchCommand::Data(a) => super::bench_data::run(a),
         BenchCommand::Collective(a) => super::bench_collective::run(a),
+        BenchCommand::Coordinator(a) => super::bench_coordinator::run(a),
     }
 }
 

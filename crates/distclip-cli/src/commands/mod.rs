@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod bench_collective;
+pub mod bench_coordinator;
 pub mod bench_data;
 pub mod config;
 pub mod coordinator;

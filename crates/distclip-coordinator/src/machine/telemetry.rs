@@ -172,7 +172,7 @@ mod tests {
         let tickets: Vec<u64> = ids
             .iter()
             .map(|id| {
-                let req = QuorumRequest { worker_id: (*id).into(), step, epoch: m.epoch(), has_data: true, commit_quorum: 0 };
+                let req = QuorumRequest { worker_id: (*id).into(), step, epoch: m.epoch(), has_data: true, commit_quorum: 0, known_quorum: 0 };
                 m.request_quorum(&req, t).unwrap()
             })
             .collect();

@@ -56,6 +56,7 @@ fn ask(m: &mut Machine, id: &str, step: u64, epoch: u64, has_data: bool, now: In
             epoch,
             has_data,
             commit_quorum: 0,
+            known_quorum: 0,
         },
         now,
     )
@@ -289,13 +290,13 @@ fn a_silent_worker_expires_its_vote_fails_and_its_shards_return_with_skip() {
     );
     m.tick(ms(t, 4900));
     assert!(
-        m.poll_commit(q1.quorum.as_ref().unwrap().quorum_id, 1)
+        m.poll_commit(q1.quorum.as_ref().unwrap().quorum_id, 1, "a")
             .is_none(),
         "b is not dead yet"
     );
     m.tick(ms(t, 5100));
     let d = m
-        .poll_commit(q1.quorum.as_ref().unwrap().quorum_id, 1)
+        .poll_commit(q1.quorum.as_ref().unwrap().quorum_id, 1, "a")
         .unwrap();
     assert!(!d.commit && d.reason.contains("worker b died"), "{d:?}");
     assert_eq!(m.step(), 1, "nothing changed");
@@ -880,7 +881,7 @@ fn non_finite_steps_are_dropped_and_too_many_in_a_row_fail_the_run() {
 
 /// `ask` with the history a worker reports: the quorum id its last applied step committed in.
 fn ask_with_history(m: &mut Machine, id: &str, step: u64, commit_quorum: u64, now: Instant) -> u64 {
-    let req = QuorumRequest { worker_id: id.into(), step, epoch: 0, has_data: true, commit_quorum };
+    let req = QuorumRequest { worker_id: id.into(), step, epoch: 0, has_data: true, commit_quorum, known_quorum: 0 };
     m.request_quorum(&req, now).unwrap()
 }
 
@@ -1071,4 +1072,65 @@ fn exactly_one_worker_is_told_to_write_the_final_checkpoint() {
     assert_eq!(writers, ["b", "b", "b"], "one writer, up to date, named in every FINISH answer");
     let fq = fc.quorum.unwrap();
     assert!(fq.members.iter().all(|m| m.worker_id != "c"), "the straggler is not in the final quorum");
+}
+
+/// The member list goes out once per membership: a worker that names the quorum it holds gets
+/// TRAIN answers without it, and one that does not (or holds an older quorum) gets it whole.
+#[test]
+fn a_worker_holding_the_quorum_is_not_sent_its_member_list_again() {
+    let (mut m, t, q) = two_training(3);
+    let id = q.quorum.as_ref().unwrap().quorum_id;
+    assert_eq!(q.quorum.as_ref().unwrap().members.len(), 2);
+    lease(&mut m, "a", 1, t);
+    vote(&mut m, "a", &q, &[(0, &[0])], vec![], t);
+    assert!(vote(&mut m, "b", &q, &[], vec![], t).unwrap().commit);
+    let asking = |m: &mut Machine, who: &str, known_quorum: u64| {
+        let req = QuorumRequest { worker_id: who.into(), step: 1, epoch: 0, has_data: true, commit_quorum: id, known_quorum };
+        m.request_quorum(&req, t).unwrap()
+    };
+    let (ta, tb) = (asking(&mut m, "a", id), asking(&mut m, "b", id - 1));
+    let (qa, qb) = (answer(&m, "a", ta), answer(&m, "b", tb));
+    assert_eq!((action(&qa), qa.step), (StepAction::Train, 1));
+    let (la, lb) = (qa.quorum.unwrap(), qb.quorum.unwrap());
+    assert_eq!((la.quorum_id, la.step, la.members.len()), (id, 1, 0), "a holds quorum {id}");
+    assert_eq!((lb.quorum_id, lb.members.len()), (id, 2), "b holds an older one");
+}
+
+/// The run state of a due checkpoint, and of the final one, goes to rank 0 alone: the only
+/// member that writes it (a copy per member would be the state times the world size).
+#[test]
+fn only_rank_0_is_sent_the_run_state_to_write() {
+    let mut c = cfg();
+    c.checkpoint_every = 1;
+    c.max_steps = Some(1);
+    let t = Instant::now();
+    let mut m = Machine::new(c, String::new(), "run-test".into(), shards(2), t);
+    join(&mut m, "a", 0, t);
+    join(&mut m, "b", 0, t);
+    let (ta, tb) = (ask(&mut m, "a", 0, 0, true, t), ask(&mut m, "b", 0, 0, true, t));
+    let q = answer(&m, "a", ta);
+    answer(&m, "b", tb);
+    assert_eq!(q.quorum.as_ref().unwrap().members[0].worker_id, "a");
+    lease(&mut m, "b", 1, t);
+    assert!(vote(&mut m, "a", &q, &[], vec![], t).is_none(), "a waits for b's vote");
+    let to_b = vote(&mut m, "b", &q, &[(0, &[0])], vec![], t).unwrap();
+    let to_a = m.poll_commit(q.quorum.as_ref().unwrap().quorum_id, 0, "a").unwrap();
+    assert!(to_a.commit && to_b.commit);
+    assert!(to_b.run_state.is_empty());
+    let state: SavedState = serde_json::from_slice(&to_a.run_state).unwrap();
+    assert_eq!((state.step, state.samples_seen), (1, 1));
+    // max_steps reached: FINISH, with the state for the final checkpoint to its writer only.
+    let (ta, tb) = (ask(&mut m, "a", 1, 0, true, t), ask(&mut m, "b", 1, 0, true, t));
+    let (fa, fb) = (answer(&m, "a", ta), answer(&m, "b", tb));
+    assert_eq!((action(&fa), action(&fb)), (StepAction::Finish, StepAction::Finish));
+    assert_eq!(fa.quorum.as_ref().unwrap().members[0].worker_id, "a");
+    assert!(!fa.run_state.is_empty() && fb.run_state.is_empty());
+    // A late joiner is told to finish too, without the state: it writes nothing.
+    join(&mut m, "c", 0, t);
+    let tc = ask(&mut m, "c", 0, 0, false, t);
+    let fc = answer(&m, "c", tc);
+    assert_eq!(action(&fc), StepAction::Finish);
+    assert!(fc.run_state.is_empty());
+    let told: Vec<(&str, u32)> = fc.quorum.as_ref().unwrap().members.iter().map(|m| (m.worker_id.as_str(), m.rank)).collect();
+    assert_eq!(told, [("a", 0)], "the writer alone: c is not in the final quorum");
 }

@@ -59,9 +59,9 @@ pub fn drive_untrusted(bytes: &[u8]) -> usize {
             3 => LeaseRequest::decode(body).map(|r| drop(m.lease(&r, now))).is_ok(),
             4 => CommitRequest::decode(body)
                 .map(|r| {
-                    let (q, s) = (r.quorum_id, r.step);
+                    let (q, s, w) = (r.quorum_id, r.step, r.worker_id.clone());
                     let _ = m.vote(r, now);
-                    let _ = m.poll_commit(q, s);
+                    let _ = m.poll_commit(q, s, &w);
                 })
                 .is_ok(),
             5 => LeaveRequest::decode(body).map(|r| m.leave(&r, now)).is_ok(),
@@ -114,7 +114,7 @@ mod tests {
             let rec = match (r >> 16) % 8 {
                 0 => record(0, advance, &JoinRequest { worker_id: id.clone(), peer_address: format!("{id}:1"), step: big(r >> 20), ..Default::default() }),
                 1 => record(1, advance, &HeartbeatRequest { worker_id: id, step: big(r >> 24), ..Default::default() }),
-                2 => record(2, advance, &QuorumRequest { worker_id: id, step: big(r >> 20), epoch: big(r >> 28), has_data: r & 1 == 0, commit_quorum: big(r >> 32) }),
+                2 => record(2, advance, &QuorumRequest { worker_id: id, step: big(r >> 20), epoch: big(r >> 28), has_data: r & 1 == 0, commit_quorum: big(r >> 32), known_quorum: big(r >> 36) }),
                 3 => record(3, advance, &LeaseRequest { worker_id: id, want: (r >> 20) as u32, epoch: big(r >> 30), ..Default::default() }),
                 4 => record(4, advance, &CommitRequest {
                     worker_id: id,
