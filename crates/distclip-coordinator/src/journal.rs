@@ -258,6 +258,7 @@ mod tests {
             ledger: Some(LedgerState { epoch: 0, ..Default::default() }),
             last_commit: None,
             commit_quorum: 1,
+            final_writer: None,
         }
     }
 

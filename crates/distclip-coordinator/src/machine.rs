@@ -264,6 +264,10 @@ pub struct SavedState {
     /// The quorum id under which the last step committed (0: unknown, accept any history).
     #[serde(default)]
     pub commit_quorum: u64,
+    /// The worker told to write the final checkpoint, once the run finished: a coordinator
+    /// restarted after it left must not make another worker write it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_writer: Option<String>,
 }
 
 /// The final quorum as `worker` is told it: the writer (rank 0) and `worker` itself with its
@@ -483,6 +487,13 @@ impl Machine {
         // run can be continued with more epochs or steps.
         if m.cfg.max_steps.is_some_and(|n| m.step >= n) || m.epoch >= m.cfg.epochs {
             m.phase = Phase::Finished;
+            // The writer was chosen before the restart: it alone is told to write (it may
+            // have left; a straggler is then told to finish and writes nothing).
+            m.final_quorum = saved.final_writer.map(|w| Quorum {
+                quorum_id: m.quorum_id,
+                step: m.step,
+                members: vec![Member { worker_id: w, rank: 0, ..Default::default() }],
+            });
         }
         m.event("resume", json!({"samples_seen": m.samples_seen}));
         Ok(m)
@@ -553,6 +564,7 @@ impl Machine {
             ledger: None,
             last_commit: self.last_commit.clone(),
             commit_quorum: self.commit_quorum,
+            final_writer: self.final_quorum.as_ref().and_then(|q| q.members.first()).map(|m| m.worker_id.clone()),
         }
     }
 
@@ -971,6 +983,7 @@ impl Machine {
                     // Finished before this coordinator formed a quorum (a resumed finished
                     // run): the writer is among those asking now.
                     self.final_quorum = Some(self.finish_quorum(&self.asking()));
+                    self.outbox.state_changed = true;
                 }
                 for (id, p) in std::mem::take(&mut self.pending) {
                     let answer = self.finish_answer(self.step, &id);

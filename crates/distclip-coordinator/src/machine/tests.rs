@@ -1133,4 +1133,22 @@ fn only_rank_0_is_sent_the_run_state_to_write() {
     assert!(fc.run_state.is_empty());
     let told: Vec<(&str, u32)> = fc.quorum.as_ref().unwrap().members.iter().map(|m| (m.worker_id.as_str(), m.rank)).collect();
     assert_eq!(told, [("a", 0)], "the writer alone: c is not in the final quorum");
+
+    // A coordinator restarted after the run finished keeps its writer: b, back, writes nothing.
+    let saved = m.snapshot();
+    assert_eq!(saved.final_writer.as_deref(), Some("a"));
+    let t2 = ms(t, 1000);
+    let mut c2 = cfg();
+    c2.max_steps = Some(1);
+    let mut r = Machine::resume(c2, String::new(), shards(2), saved, t2).unwrap();
+    assert_eq!(r.phase(), &Phase::Finished);
+    join(&mut r, "b", 1, t2);
+    let tb = ask(&mut r, "b", 1, 0, false, t2);
+    let fb = answer(&r, "b", tb);
+    assert_eq!(action(&fb), StepAction::Finish);
+    assert!(fb.run_state.is_empty(), "b was not the writer");
+    assert_eq!(fb.quorum.as_ref().unwrap().members[0].worker_id, "a");
+    join(&mut r, "a", 1, t2);
+    let ta = ask(&mut r, "a", 1, 0, false, t2);
+    assert!(!answer(&r, "a", ta).run_state.is_empty(), "the writer itself, back, may write again");
 }
