@@ -15,6 +15,7 @@
 //!
 //! This crate knows files, not models: no Burn, no network.
 
+pub mod durable;
 mod resolve;
 mod write;
 

@@ -1,7 +1,6 @@
 //! Writing a checkpoint atomically and keeping the last K.
 
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use crate::{
@@ -17,14 +16,12 @@ fn unix_now() -> f64 {
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
-    let mut f = File::create(path).map_err(io(path))?;
-    f.write_all(bytes).map_err(io(path))?;
-    f.sync_all().map_err(io(path))
+    crate::durable::write_synced(path, bytes).map_err(io(path))
 }
 
 /// Make a rename durable: fsync the directory that holds the entry.
 fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+    crate::durable::sync_dir(dir).map_err(io(dir))
 }
 
 /// Write `files` and a manifest as the checkpoint `root/name`, atomically: everything goes to

@@ -159,9 +159,7 @@ impl Journal {
             .open(&path)
             .map_err(io_error("create", path))?;
         // The new segment must be on disk before a snapshot that names it.
-        if let Ok(d) = std::fs::File::open(dir.journal_path()) {
-            let _ = d.sync_all();
-        }
+        let _ = distclip_checkpoint::durable::sync_dir(&dir.journal_path());
         Ok(file)
     }
 

@@ -17,31 +17,7 @@ pub fn unix_time() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Write `bytes` to `path` so that readers see the old file or the new one, never a mix, and a
-/// crash leaves one of them on disk: temp file in the same folder, fsync, rename, fsync folder.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    // The rename is durable only once the folder's entry is: fsync it (best effort where
-    // folders cannot be opened).
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
-}
+pub use distclip_checkpoint::durable::write_atomic;
 
 /// The run directory's files.
 #[derive(Debug, Clone)]

@@ -263,7 +263,7 @@ impl ShardWriter {
             w.finish().map_err(io_err(&partial))?;
             let name = format!("{:05}.tar", self.shard);
             let done = self.dir.join(&name);
-            std::fs::rename(&partial, &done).map_err(io_err(&done))?;
+            distclip_checkpoint::durable::publish(&partial, &done).map_err(io_err(&done))?;
             self.sizes.insert(name, self.in_shard as u64);
         }
         Ok(())
@@ -274,7 +274,7 @@ impl ShardWriter {
         self.close_shard()?;
         let path = self.dir.join("sizes.json");
         let text = serde_json::to_string_pretty(&self.sizes).unwrap_or_default();
-        std::fs::write(&path, text + "\n").map_err(io_err(&path))?;
+        distclip_checkpoint::durable::write_atomic(&path, (text + "\n").as_bytes()).map_err(io_err(&path))?;
         Ok(self.sizes)
     }
 }

@@ -319,16 +319,13 @@ fn read_pytorch(path: &Path) -> Result<StateDict, String> {
     Ok(out)
 }
 
-/// Write `model` as safetensors with OpenCLIP's key names and shapes (f32), via a temporary
-/// file renamed into place so a crash never leaves a truncated checkpoint under the final name.
+/// Write `model` as safetensors with OpenCLIP's key names and shapes (f32), atomically and
+/// durably, so a crash never leaves a truncated checkpoint under the final name.
 pub fn save_safetensors(model: &Clip, path: &Path) -> Result<(), ModelError> {
     let state = state_dict(model);
     let bytes = safetensors_bytes(&state)?;
-    let tmp = path.with_extension("safetensors.tmp");
-    let io = |e: std::io::Error| ModelError::Checkpoint(format!("writing {}: {e}", path.display()));
-    std::fs::write(&tmp, bytes).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)?;
-    Ok(())
+    distclip_checkpoint::durable::write_atomic(path, &bytes)
+        .map_err(|e| ModelError::Checkpoint(format!("writing {}: {e}", path.display())))
 }
 
 /// Serialise a state dict as safetensors bytes (f32, little-endian).
