@@ -32,6 +32,7 @@
 use crate::ledger::{EpochLedger, LedgerChanges, LedgerNote, LedgerState, ShardInfo, shard_order, splitmix64};
 use crate::membership::{JoinError, JoinKind, MemberInfo, Membership};
 use crate::ranges::RangeSet;
+use formation::{Formation, NotYet};
 use distclip_config::RunConfig;
 use distclip_proto::v1::{
     CommitRequest, CommitResponse, HeartbeatRequest, HeartbeatResponse, JoinRequest, JoinResponse, RecordRequest,
@@ -43,6 +44,7 @@ use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
+mod formation;
 mod telemetry;
 mod untrusted;
 #[doc(hidden)]
@@ -999,57 +1001,31 @@ impl Machine {
             return;
         }
         let live = self.members.len();
-        if live < self.cfg.min_workers {
-            self.phase = Phase::Waiting;
+        let rules = self.formation_rules();
+        // Runs on every request: rule out "not yet" on counts before building the list of
+        // those asking (members alone have pending requests, so counting them is enough).
+        let oldest = self.pending.values().map(|p| p.since).min();
+        if live >= self.cfg.min_workers && formation::waiting_for_members(live, self.pending.len(), oldest, rules, now) {
             return;
         }
-        // Runs on every request: rule out "not yet" before building the list of those asking
-        // (members only have pending requests, so counting them is enough).
-        if self.pending.len() < live {
-            let oldest = self.pending.values().map(|p| p.since).min();
-            let overdue =
-                oldest.is_some_and(|t| now.saturating_duration_since(t) > self.cfg.step_timeout);
-            if self.pending.len() < self.cfg.min_workers || !overdue {
-                return;
-            }
-        }
         let asked = self.asking();
-        let all = asked.len() == live;
-        if !all {
-            let oldest = asked.iter().map(|(_, p)| p.since).min();
-            let overdue =
-                oldest.is_some_and(|t| now.saturating_duration_since(t) > self.cfg.step_timeout);
-            if asked.len() < self.cfg.min_workers || !overdue {
+        let requests: Vec<formation::Asking> = asked
+            .iter()
+            .map(|(_, p)| formation::Asking { step: p.step, commit_quorum: p.commit_quorum, since: p.since })
+            .collect();
+        match formation::decide(live, &requests, self.position(), rules, now) {
+            Formation::NotYet(NotYet::BelowMinWorkers) => {
+                self.phase = Phase::Waiting;
                 return;
             }
-        }
-        let steps: BTreeSet<u64> = asked.iter().map(|(_, p)| p.step).collect();
-        if !asked.iter().any(|(_, p)| self.up_to_date(p)) {
-            let one_behind = self.step > 0 && steps.len() == 1 && steps.contains(&(self.step - 1));
-            let undoable = self
-                .last_commit
-                .as_ref()
-                .is_some_and(|c| c.step + 1 == self.step && c.epoch == self.epoch);
-            if !all {
-                // A straggler may be the one up to date: wait for it.
+            Formation::NotYet(_) => return,
+            Formation::Form => {}
+            Formation::Undo => self.undo_last_commit(),
+            Formation::Fail(reason) => {
+                self.fail(reason);
                 return;
-            } else if one_behind && undoable {
-                self.undo_last_commit();
-            } else if steps.iter().all(|&s| s == 0) && self.step > 1 {
-                // Every live member is fresh: the model trained so far is on no worker.
-                // Going on would train a new model from initialisation over the rest of the
-                // data and overwrite the run's metrics and checkpoints: stop and say how to
-                // continue from a checkpoint instead.
-                self.fail(format!(
-                    "the run is at step {} but every live worker is fresh (step 0): no worker holds the trained model. \
-                     Restart the coordinator with --resume latest to continue from the newest checkpoint \
-                     (set log.checkpoint_every), or start a new run directory",
-                    self.step
-                ));
-                return;
-            } else {
-                let to = steps.iter().next_back().copied().unwrap_or(0);
-                let from = asked.iter().find(|(_, p)| p.step == to).map(|(_, p)| p.commit_quorum).unwrap_or(0);
+            }
+            Formation::Reset { to, commit_quorum } => {
                 self.event(
                     "step_reset",
                     json!({"from": self.step, "to": to, "reason": "no live member is at the coordinator's step and history; adopting the most advanced member's"}),
@@ -1058,7 +1034,7 @@ impl Machine {
                     self.outbox.rewind_metrics = Some(to);
                 }
                 self.step = to;
-                self.commit_quorum = from;
+                self.commit_quorum = commit_quorum;
                 self.last_commit = None;
                 self.outbox.state_changed = true;
             }
@@ -1270,7 +1246,23 @@ impl Machine {
     /// the same history (its last step committed under the coordinator's last commit quorum;
     /// either side 0 means not known).
     fn up_to_date(&self, p: &Pending) -> bool {
-        p.step == self.step && (self.commit_quorum == 0 || p.commit_quorum == 0 || p.commit_quorum == self.commit_quorum)
+        formation::up_to_date(self.position(), p.step, p.commit_quorum)
+    }
+
+    /// The coordinator's step and history, as the quorum decision sees them.
+    fn position(&self) -> formation::Position {
+        formation::Position {
+            step: self.step,
+            commit_quorum: self.commit_quorum,
+            undoable: self
+                .last_commit
+                .as_ref()
+                .is_some_and(|c| c.step + 1 == self.step && c.epoch == self.epoch),
+        }
+    }
+
+    fn formation_rules(&self) -> formation::Rules {
+        formation::Rules { min_workers: self.cfg.min_workers, step_timeout: self.cfg.step_timeout }
     }
 
     fn undo_last_commit(&mut self) {
