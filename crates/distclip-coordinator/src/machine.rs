@@ -29,15 +29,16 @@
 //!    same step (the retry gets a new quorum id, even with the same members). If `Commit` itself fails (the coordinator restarted), ask `Quorum` again: the
 //!    answer's step is authoritative, and a worker behind it is told to heal.
 
-use crate::ledger::{EpochLedger, LedgerChanges, LedgerNote, LedgerState, ShardInfo, shard_order, splitmix64};
+use crate::ledger::{EpochLedger, LedgerChanges, LedgerNote, LedgerState, ShardInfo, shard_order};
 use crate::membership::{JoinError, JoinKind, MemberInfo, Membership};
 use crate::ranges::RangeSet;
 use formation::{Formation, NotYet};
+use plan::DataPlan;
 use distclip_config::RunConfig;
 use distclip_proto::v1::{
     CommitRequest, CommitResponse, HeartbeatRequest, HeartbeatResponse, JoinRequest, JoinResponse, RecordRequest,
     LeaseRequest, LeaseResponse, LeaveRequest, Member, Quorum, QuorumRequest, QuorumResponse,
-    RunStatus, ShardLease, ShardReport, StepAction, WorkerStatus,
+    RunStatus, ShardReport, StepAction, WorkerStatus,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -45,6 +46,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 mod formation;
+mod plan;
 mod telemetry;
 mod untrusted;
 #[doc(hidden)]
@@ -348,10 +350,6 @@ struct Round {
     decided: bool,
 }
 
-enum Data {
-    Exact(EpochLedger),
-    Resampled { draws: u64, cumulative: Vec<f64> },
-}
 
 /// The coordinator state machine. See the module docs for the protocol.
 pub struct Machine {
@@ -365,7 +363,7 @@ pub struct Machine {
     quorum_id: u64,
     samples_seen: u64,
     epoch_samples: u64,
-    data: Data,
+    data: DataPlan,
     phase: Phase,
     below_min_since: Option<Instant>,
     pending: BTreeMap<String, Pending>,
@@ -412,7 +410,7 @@ impl Machine {
         shards: Vec<ShardInfo>,
         now: Instant,
     ) -> Self {
-        let data = Self::data_for_epoch(&cfg, &shards, 0);
+        let data = DataPlan::for_epoch(&cfg, &shards, 0, 0);
         Self {
             members: Membership::new(cfg.heartbeat_timeout, cfg.max_workers),
             cfg,
@@ -477,13 +475,13 @@ impl Machine {
         m.epoch_samples = saved.epoch_samples;
         m.last_commit = saved.last_commit;
         m.commit_quorum = saved.commit_quorum;
-        m.data = Self::data_for_epoch(&m.cfg, &m.shards, m.epoch);
-        let exact = matches!(m.data, Data::Exact(_));
+        m.data = DataPlan::for_epoch(&m.cfg, &m.shards, m.epoch, 0);
+        let exact = m.data.ledger().is_some();
         if let (true, Some(state)) = (exact, &saved.ledger)
             && state.epoch == m.epoch
         {
             let order = shard_order(m.shards.len(), m.cfg.seed, m.epoch, m.cfg.shuffle);
-            m.data = Data::Exact(EpochLedger::restore(state, &m.shards, order).map_err(|e| e.0)?);
+            m.data = DataPlan::Exact(EpochLedger::restore(state, &m.shards, order).map_err(|e| e.0)?);
         }
         // Finished is re-judged under the (possibly extended) configuration, so a finished
         // run can be continued with more epochs or steps.
@@ -501,40 +499,10 @@ impl Machine {
         Ok(m)
     }
 
-    fn data_for_epoch(cfg: &MachineConfig, shards: &[ShardInfo], epoch: u64) -> Data {
-        if cfg.resampled {
-            let mut acc = 0.0;
-            let cumulative = shards
-                .iter()
-                .map(|s| {
-                    acc += if s.weight.is_finite() && s.weight > 0.0 {
-                        s.weight
-                    } else {
-                        0.0
-                    };
-                    acc
-                })
-                .collect();
-            Data::Resampled {
-                draws: 0,
-                cumulative,
-            }
-        } else {
-            Data::Exact(EpochLedger::new(
-                epoch,
-                shards,
-                shard_order(shards.len(), cfg.seed, epoch, cfg.shuffle),
-            ))
-        }
-    }
-
     /// Everything to persist in `state.json`.
     pub fn snapshot(&self) -> SavedState {
         SavedState {
-            ledger: match &self.data {
-                Data::Exact(l) => Some(l.state()),
-                Data::Resampled { .. } => None,
-            },
+            ledger: self.data.ledger().map(EpochLedger::state),
             ..self.snapshot_without_ledger()
         }
     }
@@ -544,10 +512,7 @@ impl Machine {
     /// should go with a call, so the next line starts from that snapshot.
     pub fn take_changes(&mut self) -> StateChanges {
         let mut state = self.snapshot_without_ledger();
-        let ledger = match &mut self.data {
-            Data::Exact(l) => Some(l.take_changes()),
-            Data::Resampled { .. } => None,
-        };
+        let ledger = self.data.ledger_mut().map(EpochLedger::take_changes);
         state.ledger = None;
         StateChanges { state, ledger }
     }
@@ -629,10 +594,7 @@ impl Machine {
 
     /// The exactly-once ledger of the current epoch (None in resampled mode).
     pub fn ledger(&self) -> Option<&EpochLedger> {
-        match &self.data {
-            Data::Exact(l) => Some(l),
-            Data::Resampled { .. } => None,
-        }
+        self.data.ledger()
     }
 
     /// Finished or failed, and every worker gone: the coordinator may exit.
@@ -783,10 +745,7 @@ impl Machine {
 
     /// Void everything a worker held. Returns the shards released.
     fn drop_worker_state(&mut self, id: &str, why: &str) -> Vec<u64> {
-        let released = match &mut self.data {
-            Data::Exact(l) => l.release(id),
-            Data::Resampled { .. } => Vec::new(),
-        };
+        let released = self.data.release(id);
         self.pending.remove(id);
         self.answers.remove(id);
         let in_open_round = self
@@ -1128,7 +1087,7 @@ impl Machine {
         if self.cfg.max_steps.is_some_and(|m| target >= m) {
             // The epoch the run stops in gets its audit too (`complete` says whether it was
             // read to the end), so a run cut by max_steps can still be checked for losses.
-            if let Data::Exact(l) = &self.data
+            if let Some(l) = self.data.ledger()
                 && self.epoch < self.cfg.epochs
             {
                 self.outbox.audits.push((self.epoch, l.audit()));
@@ -1140,13 +1099,7 @@ impl Machine {
             self.finish("train.epochs done");
             return StepAction::Finish;
         }
-        let epoch_done = match &self.data {
-            Data::Exact(l) => l.is_complete(),
-            Data::Resampled { .. } => self
-                .cfg
-                .samples_per_epoch
-                .is_some_and(|n| self.epoch_samples >= n),
-        };
+        let epoch_done = self.data.epoch_done(self.epoch_samples, self.cfg.samples_per_epoch);
         if epoch_done {
             let nothing_read = self.no_samples_reason();
             self.end_epoch();
@@ -1174,7 +1127,7 @@ impl Machine {
     /// sample trained. Finishing "successfully" would hide a wrong path, a bucket without the
     /// data or a caption key no sample has.
     fn no_samples_reason(&self) -> Option<String> {
-        let Data::Exact(l) = &self.data else { return None };
+        let l = self.data.ledger()?;
         if self.epoch_samples > 0 {
             return None;
         }
@@ -1218,7 +1171,7 @@ impl Machine {
     fn end_epoch(&mut self) {
         let epoch = self.epoch;
         let mut fields = json!({"epoch": epoch, "samples": self.epoch_samples});
-        if let Data::Exact(l) = &self.data {
+        if let Some(l) = self.data.ledger() {
             let audit = l.audit();
             fields["exactly_once"] = audit["exactly_once"].clone();
             fields["samples_total"] = audit["samples_total"].clone();
@@ -1231,14 +1184,7 @@ impl Machine {
         self.epoch += 1;
         self.epoch_samples = 0;
         self.last_commit = None;
-        let draws = match &self.data {
-            Data::Resampled { draws, .. } => *draws,
-            Data::Exact(_) => 0,
-        };
-        self.data = Self::data_for_epoch(&self.cfg, &self.shards, self.epoch);
-        if let Data::Resampled { draws: d, .. } = &mut self.data {
-            *d = draws;
-        }
+        self.data = DataPlan::for_epoch(&self.cfg, &self.shards, self.epoch, self.data.draws());
         self.outbox.state_changed = true;
     }
 
@@ -1269,7 +1215,7 @@ impl Machine {
         let Some(c) = self.last_commit.take() else {
             return;
         };
-        if let Data::Exact(l) = &mut self.data {
+        if let Some(l) = self.data.ledger_mut() {
             l.unapply(&c.positions);
         }
         self.step = c.step;
@@ -1306,10 +1252,8 @@ impl Machine {
         }
         let spw = self.cfg.shards_per_worker;
         let (seed, epoch) = (self.cfg.seed, self.epoch);
-        if req.fresh
-            && let Data::Exact(l) = &mut self.data
-        {
-            let released = l.release(&req.worker_id);
+        if req.fresh {
+            let released = self.data.release(&req.worker_id);
             if !released.is_empty() {
                 self.outbox.state_changed = true;
                 self.event(
@@ -1318,38 +1262,7 @@ impl Machine {
                 );
             }
         }
-        match &mut self.data {
-            Data::Exact(l) => {
-                let (leases, exhausted) = l.lease(&req.worker_id, req.want, spw);
-                Ok(LeaseResponse { leases, exhausted })
-            }
-            Data::Resampled { draws, cumulative } => {
-                let total = cumulative.last().copied().unwrap_or(0.0);
-                let mut leases = Vec::new();
-                if total > 0.0 {
-                    for _ in 0..req.want.min(spw as u32) {
-                        let mut state = seed
-                            ^ epoch.rotate_left(32)
-                            ^ draws.wrapping_mul(0xA24B_AED4_963E_E407);
-                        *draws += 1;
-                        let u = (splitmix64(&mut state) >> 11) as f64 / (1u64 << 53) as f64 * total;
-                        let shard = cumulative
-                            .partition_point(|&c| c <= u)
-                            .min(cumulative.len() - 1);
-                        leases.push(ShardLease {
-                            shard: shard as u64,
-                            url: self.shards[shard].url.clone(),
-                            epoch,
-                            skip: Vec::new(),
-                        });
-                    }
-                }
-                Ok(LeaseResponse {
-                    leases,
-                    exhausted: false,
-                })
-            }
-        }
+        Ok(self.data.lease(&req.worker_id, req.want, spw, (seed, epoch), &self.shards))
     }
 
     fn apply_reports(&mut self, worker: &str, reports: &[ShardReport]) {
@@ -1358,25 +1271,7 @@ impl Machine {
                 self.event("report_ignored", json!({"worker": worker, "shard": r.shard, "reason": format!("report for epoch {} while the run is on epoch {}", r.epoch, self.epoch)}));
                 continue;
             }
-            let result = match &mut self.data {
-                Data::Exact(l) => l.report(worker, r),
-                Data::Resampled { .. } => {
-                    if !r.failed.is_empty() {
-                        let url = self
-                            .shards
-                            .get(r.shard as usize)
-                            .map(|s| s.url.clone())
-                            .unwrap_or_default();
-                        Ok(vec![LedgerNote::FailedShard {
-                            shard: r.shard,
-                            url,
-                            error: r.failed.clone(),
-                        }])
-                    } else {
-                        Ok(Vec::new())
-                    }
-                }
-            };
+            let result = self.data.report(worker, r, &self.shards);
             self.outbox.state_changed = true;
             match result {
                 Ok(notes) => {
@@ -1550,7 +1445,7 @@ impl Machine {
             .filter_map(|m| round.votes.get(&m.worker_id))
             .collect();
         let samples = match &mut self.data {
-            Data::Exact(l) => {
+            DataPlan::Exact(l) => {
                 let voters: Vec<(&str, &[distclip_proto::v1::ShardIndices])> = votes
                     .iter()
                     .map(|v| (v.worker_id.as_str(), v.consumed.as_slice()))
@@ -1574,7 +1469,7 @@ impl Machine {
                     }
                 }
             }
-            Data::Resampled { .. } => votes
+            DataPlan::Resampled(_) => votes
                 .iter()
                 .map(|v| {
                     let n: u64 = v.consumed.iter().map(|g| g.indices.len() as u64).sum();
@@ -1704,9 +1599,9 @@ impl Machine {
                     .collect()
             })
             .unwrap_or_default();
-        let (done, total) = match &self.data {
-            Data::Exact(l) => l.progress(),
-            Data::Resampled { .. } => (self.epoch_samples, self.cfg.samples_per_epoch.unwrap_or(0)),
+        let (done, total) = match self.data.ledger() {
+            Some(l) => l.progress(),
+            None => (self.epoch_samples, self.cfg.samples_per_epoch.unwrap_or(0)),
         };
         RunStatus {
             run_id: self.run_id.clone(),

@@ -2,7 +2,7 @@
 //! `/metrics` renders. Kept apart from the decisions: nothing here is persisted or changes an
 //! answer, and the counters describe this coordinator process (Prometheus handles restarts).
 
-use super::{Data, Machine};
+use super::Machine;
 use crate::membership::Membership;
 use crate::metrics::{LastStep, RunMetrics, WorkerMetrics, WorkerStep};
 use distclip_proto::v1::StepMetrics;
@@ -91,17 +91,17 @@ impl Machine {
             .as_ref()
             .map(|r| r.quorum.members.iter().map(|m| (m.worker_id.as_str(), m.rank)).collect())
             .unwrap_or_default();
-        let (done, expected) = match &self.data {
+        let (done, expected) = match self.data.ledger() {
             // Shard totals become known as shards are read to the end; sizes.json (or
             // data.samples_per_epoch) knows the whole epoch from the start.
-            Data::Exact(l) => {
+            Some(l) => {
                 let (done, known) = l.progress();
                 (done, known.max(self.cfg.samples_per_epoch.unwrap_or(0)))
             }
-            Data::Resampled { .. } => (self.epoch_samples, self.cfg.samples_per_epoch.unwrap_or(0)),
+            None => (self.epoch_samples, self.cfg.samples_per_epoch.unwrap_or(0)),
         };
         let mut skipped = t.skipped_before.clone();
-        if let Data::Exact(l) = &self.data {
+        if let Some(l) = self.data.ledger() {
             for (reason, n) in l.skipped_by_reason() {
                 *skipped.entry(reason).or_default() += n;
             }
@@ -123,10 +123,7 @@ impl Machine {
             quorum_id: self.quorum_id,
             steps_dropped_total: t.steps_dropped,
             skipped_samples_by_reason: skipped,
-            failed_shards: match &self.data {
-                Data::Exact(l) => l.failed().len() as u64,
-                Data::Resampled { .. } => 0,
-            },
+            failed_shards: self.data.ledger().map_or(0, |l| l.failed().len() as u64),
             per_worker: self
                 .members
                 .in_join_order()

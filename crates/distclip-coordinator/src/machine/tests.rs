@@ -1,5 +1,5 @@
 use super::*;
-use distclip_proto::v1::ShardIndices;
+use distclip_proto::v1::{ShardIndices, ShardLease};
 
 /// The machine config every unit test starts from (also used by `telemetry`'s tests).
 pub(super) fn cfg() -> MachineConfig {
