@@ -740,7 +740,13 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
         if !q.heal_from.is_empty() {
             set_state(trainer.step(), "healing");
             set_serving(false);
-            heal(&rt, &mut trainer, &q.heal_from, &comm_opts, q.step)?;
+            if let Err(e) = heal(&rt, &mut trainer, &q.heal_from, &comm_opts, q.step) {
+                // The source can die after the quorum formed: asking again drops this step on
+                // every rank, and the next quorum names a live source.
+                tracing::warn!("{e}; asking the coordinator for a quorum again");
+                commit_quorum = 0;
+                continue;
+            }
             commit_quorum = q.commit_quorum;
         }
         if group.as_ref().is_none_or(|g| g.quorum_id() != quorum.quorum_id) {
@@ -885,7 +891,8 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
 }
 
 /// Pull parameters and optimizer state from a peer at `step`. The peer refreshes what it serves
-/// when it enters the same quorum, which may be a moment after this worker does: retry briefly.
+/// when it enters the same quorum, which may be a moment after this worker does: retry for up
+/// to 60 s while it answers, but give up after 10 s in which it could not be reached (it died).
 fn heal(
     rt: &tokio::runtime::Runtime,
     trainer: &mut Trainer,
@@ -894,6 +901,7 @@ fn heal(
     step: u64,
 ) -> Result<(), WorkerError> {
     let deadline = Instant::now() + Duration::from_secs(60);
+    let mut unreachable_since: Option<Instant> = None;
     loop {
         let attempt = rt
             .block_on(distclip_comm::fetch_state(peer, opts))
@@ -904,8 +912,16 @@ fn heal(
                 tracing::info!("healed from {peer} at step {step}");
                 return Ok(());
             }
-            Ok(()) => tracing::debug!("{peer} served step {}, waiting for step {step}", trainer.step()),
-            Err(e) => tracing::debug!("healing from {peer}: {e}"),
+            Ok(()) => {
+                unreachable_since = None;
+                tracing::debug!("{peer} served step {}, waiting for step {step}", trainer.step());
+            }
+            Err(e) => {
+                tracing::debug!("healing from {peer}: {e}");
+                if unreachable_since.get_or_insert_with(Instant::now).elapsed() > Duration::from_secs(10) {
+                    return Err(WorkerError::Setup(format!("could not heal from {peer} at step {step}: {e}")));
+                }
+            }
         }
         if Instant::now() > deadline {
             return Err(WorkerError::Setup(format!("could not heal from {peer} at step {step} within 60 s")));
