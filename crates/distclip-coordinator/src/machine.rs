@@ -350,7 +350,6 @@ struct Round {
     decided: bool,
 }
 
-
 /// The coordinator state machine. See the module docs for the protocol.
 pub struct Machine {
     cfg: MachineConfig,
@@ -511,9 +510,8 @@ impl Machine {
     /// in full, and of the ledger only the shards that changed. Taking a [`Machine::snapshot`]
     /// should go with a call, so the next line starts from that snapshot.
     pub fn take_changes(&mut self) -> StateChanges {
-        let mut state = self.snapshot_without_ledger();
+        let state = self.snapshot_without_ledger();
         let ledger = self.data.ledger_mut().map(EpochLedger::take_changes);
-        state.ledger = None;
         StateChanges { state, ledger }
     }
 
@@ -546,8 +544,10 @@ impl Machine {
     pub fn checkpoint_state(&self) -> Vec<u8> {
         let mut s = self.snapshot();
         s.last_commit = None;
-        // Workers resumed from the checkpoint start a history of their own.
+        // Workers resumed from the checkpoint start a history of their own, and a run resumed
+        // from it chooses its own final writer.
         s.commit_quorum = 0;
+        s.final_writer = None;
         // A struct of numbers, strings and vectors always serialises.
         serde_json::to_vec(&s).unwrap_or_default()
     }
@@ -1020,7 +1020,6 @@ impl Machine {
             // The pending requests are answered with the failure by `poll_quorum`.
             return;
         }
-        let final_state = if action == StepAction::Finish { self.checkpoint_state() } else { Vec::new() };
         let quorum = if action == StepAction::Finish {
             let q = self.finish_quorum(&asked);
             self.final_quorum = Some(q.clone());
@@ -1034,7 +1033,7 @@ impl Machine {
             .map(|(m, _)| m.peer_address.clone())
             .unwrap_or_default();
         // The same quorum id means the same members: a worker that holds the list is not sent it
-        // again (FINISH is always sent whole, its order names the checkpoint writer).
+        // again. FINISH is `finish_answer`'s, as for members that ask after the run finished.
         let known = Quorum { members: Vec::new(), ..quorum.clone() };
         for (m, p) in &asked {
             self.pending.remove(&m.worker_id);
@@ -1043,24 +1042,18 @@ impl Machine {
             } else {
                 String::new()
             };
-            let answer = QuorumResponse {
-                action: action as i32,
-                quorum: Some(if action == StepAction::Finish {
-                    finish_view(&quorum, &m.worker_id)
-                } else if p.known_quorum == quorum.quorum_id {
-                    known.clone()
-                } else {
-                    quorum.clone()
-                }),
-                step: target,
-                epoch: self.epoch,
-                heal_from,
-                run_state: if action == StepAction::Finish && quorum.members.first().is_some_and(|w| w.worker_id == m.worker_id) {
-                    final_state.clone()
-                } else {
-                    Vec::new()
-                },
-                commit_quorum: self.commit_quorum,
+            let answer = if action == StepAction::Finish {
+                self.finish_answer(target, &m.worker_id)
+            } else {
+                QuorumResponse {
+                    action: action as i32,
+                    quorum: Some(if p.known_quorum == quorum.quorum_id { known.clone() } else { quorum.clone() }),
+                    step: target,
+                    epoch: self.epoch,
+                    heal_from,
+                    run_state: Vec::new(),
+                    commit_quorum: self.commit_quorum,
+                }
             };
             self.answers.insert(m.worker_id.clone(), (p.ticket, answer));
         }

@@ -195,6 +195,7 @@ impl Shared {
     /// (in the background) or the run has ended (now, so `state.json` tells the outcome).
     fn persist(&self, m: &mut Machine) -> Result<(), CoordinatorError> {
         let mut journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+        // Taken on every path, a snapshot's too: the next journal line starts from this point.
         let changes = m.take_changes();
         if matches!(m.phase(), Phase::Finished | Phase::Failed(_)) {
             journal.snapshot_now(&m.snapshot())
