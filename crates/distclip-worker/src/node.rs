@@ -740,11 +740,15 @@ pub fn run_worker(opts: WorkerOptions) -> Result<WorkerOutcome, WorkerError> {
         if !q.heal_from.is_empty() {
             set_state(trainer.step(), "healing");
             set_serving(false);
+            let before = trainer.checksum();
             if let Err(e) = heal(&rt, &mut trainer, &q.heal_from, &comm_opts, q.step) {
                 // The source can die after the quorum formed: asking again drops this step on
-                // every rank, and the next quorum names a live source.
+                // every rank, and the next quorum names a live source. The worker keeps its
+                // history unless the attempt loaded a peer's state of another step.
                 tracing::warn!("{e}; asking the coordinator for a quorum again");
-                commit_quorum = 0;
+                if trainer.checksum() != before {
+                    commit_quorum = 0;
+                }
                 continue;
             }
             commit_quorum = q.commit_quorum;
