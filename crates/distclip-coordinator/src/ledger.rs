@@ -155,28 +155,13 @@ pub struct LedgerChanges {
     pub fresh: bool,
 }
 
-/// Deterministic 64-bit generator (splitmix64): the shard order must be identical after a
-/// restart and across builds, so it does not depend on an external RNG's version.
-pub(crate) fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// A uniform draw in `[0, n)` from the generator (multiply-shift, no modulo bias worth noting).
-pub(crate) fn below(state: &mut u64, n: u64) -> u64 {
-    ((splitmix64(state) as u128 * n as u128) >> 64) as u64
-}
-
 /// The epoch's shard order: a Fisher-Yates permutation seeded by `seed + epoch`, or spec order.
 pub fn shard_order(num_shards: usize, seed: u64, epoch: u64, shuffle: bool) -> Vec<u64> {
     let mut order: Vec<u64> = (0..num_shards as u64).collect();
     if shuffle {
         let mut state = seed.wrapping_add(epoch);
         for i in (1..order.len()).rev() {
-            let j = below(&mut state, i as u64 + 1) as usize;
+            let j = distclip_rng::below(&mut state, i as u64 + 1) as usize;
             order.swap(i, j);
         }
     }

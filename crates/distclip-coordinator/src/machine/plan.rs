@@ -3,7 +3,9 @@
 //! without matching on the mode; code that only exists for the ledger asks [`DataPlan::ledger`].
 
 use super::MachineConfig;
-use crate::ledger::{EpochLedger, LedgerError, LedgerNote, ShardInfo, shard_order, splitmix64};
+use distclip_rng::{WeightedDraw, unit};
+
+use crate::ledger::{EpochLedger, LedgerError, LedgerNote, ShardInfo, shard_order};
 use distclip_proto::v1::{LeaseResponse, ShardLease, ShardReport};
 
 /// One epoch's plan.
@@ -18,8 +20,8 @@ pub(crate) enum DataPlan {
 pub(crate) struct Draws {
     /// Draws so far in the run (the draw stream continues across epochs).
     count: u64,
-    /// Running sums of the shards' weights (non-positive and non-finite weights count 0).
-    cumulative: Vec<f64>,
+    /// The shards' weights (non-positive and non-finite weights count 0).
+    weights: WeightedDraw,
 }
 
 impl DataPlan {
@@ -28,15 +30,9 @@ impl DataPlan {
         if !cfg.resampled {
             return Self::Exact(EpochLedger::new(epoch, shards, shard_order(shards.len(), cfg.seed, epoch, cfg.shuffle)));
         }
-        let mut acc = 0.0;
-        let cumulative = shards
-            .iter()
-            .map(|s| {
-                acc += if s.weight.is_finite() && s.weight > 0.0 { s.weight } else { 0.0 };
-                acc
-            })
-            .collect();
-        Self::Resampled(Draws { count: draws, cumulative })
+        let weights =
+            WeightedDraw::new(shards.iter().map(|s| if s.weight.is_finite() && s.weight > 0.0 { s.weight } else { 0.0 }));
+        Self::Resampled(Draws { count: draws, weights })
     }
 
     /// The ledger, in exact mode.
@@ -84,16 +80,12 @@ impl DataPlan {
             }
             Self::Resampled(d) => d,
         };
-        let total = d.cumulative.last().copied().unwrap_or(0.0);
         let mut leases = Vec::new();
-        if total > 0.0 {
-            for _ in 0..want.min(max_reading as u32) {
-                let mut state = seed ^ epoch.rotate_left(32) ^ d.count.wrapping_mul(0xA24B_AED4_963E_E407);
-                d.count += 1;
-                let u = (splitmix64(&mut state) >> 11) as f64 / (1u64 << 53) as f64 * total;
-                let shard = d.cumulative.partition_point(|&c| c <= u).min(d.cumulative.len() - 1);
-                leases.push(ShardLease { shard: shard as u64, url: shards[shard].url.clone(), epoch, skip: Vec::new() });
-            }
+        for _ in 0..want.min(max_reading as u32) {
+            let mut state = seed ^ epoch.rotate_left(32) ^ d.count.wrapping_mul(0xA24B_AED4_963E_E407);
+            let Some(shard) = d.weights.pick(unit(&mut state)) else { break };
+            d.count += 1;
+            leases.push(ShardLease { shard: shard as u64, url: shards[shard].url.clone(), epoch, skip: Vec::new() });
         }
         LeaseResponse { leases, exhausted: false }
     }

@@ -95,9 +95,9 @@ mod tests {
         out
     }
 
-    /// A seeded stream (the ledger's own generator), so a failing input can be rebuilt.
+    /// A seeded stream (the shard order's generator), so a failing input can be rebuilt.
     fn next(state: &mut u64) -> u64 {
-        crate::ledger::splitmix64(state)
+        distclip_rng::splitmix64(state)
     }
 
     /// Well-formed messages with hostile values: unknown workers, steps and quorums far off,
