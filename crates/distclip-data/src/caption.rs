@@ -5,8 +5,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::samples::{RawSample, SkipReason};
-use crate::transform::{Skip, skip};
+use crate::samples::{RawSample, Skip, SkipReason, skip};
 
 /// A caption's place in a sample, parsed from `data.caption_key`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -25,9 +25,9 @@ pub mod transform;
 pub mod writer;
 
 pub use caption::CaptionKey;
-pub use loader::{Batch, Loader, LoaderConfig, LoaderError, Order, ShardSummary, ShardTask};
+pub use loader::{Batch, FailedShard, Loader, LoaderConfig, LoaderError, Order, ShardSummary, ShardTask};
 pub use samples::{RawSample, SamplePos, ShardEvent, ShardReader, SkipReason};
 pub use source::{RetryPolicy, ShardCheck, ShardOpener, SourceError, check_shards};
 pub use spec::{Location, Shard, ShardList, SpecError};
-pub use stats::{DataStats, FailedShard, StatsOptions};
+pub use stats::{DataStats, StatsOptions};
 pub use transform::{Augment, Example, TransformConfig};

@@ -30,6 +30,22 @@ pub struct SamplePos {
     pub index: u64,
 }
 
+/// Why a sample was skipped, with detail for the warning.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Skip {
+    /// The counted reason.
+    pub reason: SkipReason,
+    /// A human-readable detail (the decoder's message, the caption length, ...).
+    pub detail: String,
+}
+
+pub(crate) fn skip(reason: SkipReason, detail: impl Into<String>) -> Skip {
+    Skip {
+        reason,
+        detail: detail.into(),
+    }
+}
+
 /// Why a sample, a member, or the rest of a shard was skipped. The snake_case names are stable:
 /// they are the keys of `skipped` in `distclip data stats`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

@@ -7,26 +7,11 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::loader::{Loader, LoaderConfig, LoaderError, Order};
+use crate::loader::{FailedShard, Loader, LoaderConfig, LoaderError, Order};
 use crate::samples::{ShardEvent, ShardReader, SkipReason};
 use crate::source::{RetryPolicy, ShardOpener};
 use crate::spec::{ShardList, SpecError};
 use crate::transform::{Augment, IMAGE_KEYS, TransformConfig};
-
-/// A shard that ended early (could not be opened, or broke part way).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FailedShard {
-    /// Index in the shard list.
-    pub shard: usize,
-    /// The shard's URL.
-    pub url: String,
-    /// Why it ended.
-    pub reason: SkipReason,
-    /// The error.
-    pub error: String,
-    /// Samples (groups) read before it ended: a resume would start here.
-    pub samples_read: u64,
-}
 
 /// What `distclip data stats` prints.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -13,7 +13,7 @@ use rand::Rng;
 use rand::SeedableRng;
 
 use crate::caption::CaptionKey;
-use crate::samples::{RawSample, SamplePos, SkipReason};
+use crate::samples::{RawSample, SamplePos, Skip, SkipReason, skip};
 
 /// Image member extensions, in OpenCLIP's order of preference.
 pub const IMAGE_KEYS: [&str; 4] = ["jpg", "png", "jpeg", "webp"];
@@ -85,22 +85,6 @@ pub struct Example {
     pub pos: SamplePos,
     /// The sample key.
     pub key: String,
-}
-
-/// Why a sample was skipped, with detail for the warning.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Skip {
-    /// The counted reason.
-    pub reason: SkipReason,
-    /// A human-readable detail (the decoder's message, the caption length, ...).
-    pub detail: String,
-}
-
-pub(crate) fn skip(reason: SkipReason, detail: impl Into<String>) -> Skip {
-    Skip {
-        reason,
-        detail: detail.into(),
-    }
 }
 
 /// The image bytes (and extension) and caption of a sample, or why it has none. Checks run in a
