@@ -9,6 +9,11 @@ Outputs:
   captions in txt or in json["caption"], grey and RGBA images, a LAION-style key layout).
 - python-shards/expected.json: per sample the key, shard, index, caption, image extension and
   size, and the mean of PIL's RGB conversion per channel, which distclip must reproduce.
+- python-gz/00000.tar.gz: a gzip-compressed shard written by webdataset.TarWriter, with
+  gzip-compressed members (`txt.gz`, `json.gz`) and keys under directory prefixes.
+- python-gz/truncated-*.tar: a plain shard cut inside a member's data and inside a header.
+- python-gz/expected.json: what python webdataset (WebDataset(...).decode(), errors ignored)
+  yields from each: keys, member extensions, and the decoded captions.
 - writer-reference.json: the headers of a tar that webdataset.TarWriter writes for fixed samples
   with a pinned mtime (every 512-byte header block in hex, plus parsed fields and the file size);
   distclip's writer must produce the same headers for the same samples.
@@ -107,6 +112,66 @@ def writer_reference():
         json.dump(ref, f, indent=1)
 
 
+def python_read(url):
+    """What python webdataset yields from one shard: keys, extensions, decoded captions."""
+    out = []
+    ds = wds.WebDataset(url, shardshuffle=False, handler=wds.ignore_and_continue).decode(handler=wds.ignore_and_continue)
+    for s in ds:
+        exts = sorted(k for k in s if not k.startswith("__"))
+        caption = s.get("txt", s.get("txt.gz"))
+        meta = s.get("json", s.get("json.gz"))
+        out.append({
+            "key": s["__key__"], "exts": exts, "caption": caption,
+            "json_caption": meta.get("caption") if isinstance(meta, dict) else None,
+        })
+    return out
+
+
+def python_gz():
+    d = os.path.join(OUT, "python-gz")
+    os.makedirs(d, exist_ok=True)
+    samples = []
+    for i in range(4):
+        key = f"{'part-a' if i < 2 else 'part-b/sub'}/{i:09d}"
+        caption = f"a gzip caption number {i}"
+        sample = {"__key__": key, "jpg": image_bytes("RGB", (16, 12), "JPEG", 10 + i, quality=90)}
+        # TarWriter gzip-compresses the value of a `.gz` key itself.
+        if i % 2 == 0:
+            sample["txt.gz"] = caption
+        else:
+            sample["txt"] = caption
+        sample["json.gz"] = {"caption": caption, "i": i}
+        samples.append(sample)
+    gz = os.path.join(d, "00000.tar.gz")
+    with wds.TarWriter(gz, mtime=MTIME) as w:
+        for s in samples:
+            w.write(dict(s))
+    plain = io.BytesIO()
+    with wds.TarWriter(plain, mtime=MTIME) as w:
+        for i in range(3):
+            w.write({"__key__": f"{i:09d}", "jpg": image_bytes("RGB", (16, 12), "JPEG", 20 + i, quality=90),
+                     "txt": f"caption {i}".encode()})
+    data = plain.getvalue()
+    members = tarfile.open(fileobj=io.BytesIO(data)).getmembers()
+    last = {m.name: m for m in members}
+    cuts = {
+        # Inside the data of the last sample's txt: its jpg was read whole.
+        "truncated-data.tar": last["000000002.txt"].offset_data + 3,
+        # Inside the header of the last sample's txt.
+        "truncated-header.tar": last["000000002.txt"].offset + 100,
+    }
+    expected = {"webdataset": wds.__version__, "shards": {}}
+    expected["shards"]["00000.tar.gz"] = python_read(gz)
+    for name, at in cuts.items():
+        path = os.path.join(d, name)
+        with open(path, "wb") as f:
+            f.write(data[:at])
+        expected["shards"][name] = python_read(path)
+    with open(os.path.join(d, "expected.json"), "w") as f:
+        json.dump(expected, f, indent=1)
+
+
 if __name__ == "__main__":
     python_shards()
+    python_gz()
     writer_reference()

@@ -61,6 +61,8 @@ pub enum SkipReason {
     MissingCaption,
     /// An incomplete sample cut off because an extension repeated under the same key.
     DuplicateKey,
+    /// An incomplete sample cut off because the tar broke (truncated or corrupt) in it.
+    CutShort,
     /// The image bytes do not decode (corrupt or truncated).
     ImageDecodeError,
     /// The image header announces more pixels than the limit.
@@ -71,6 +73,8 @@ pub enum SkipReason {
     CaptionTooLong,
     /// The `json` member does not parse, or its caption field is not a string.
     BadCaptionJson,
+    /// A gzip-compressed caption member (`txt.gz`, `json.gz`) does not decompress.
+    BadCaptionGzip,
     /// The shard is not a tar archive (bad first header, or an empty file).
     NotATar,
     /// A tar header later in the shard is corrupt; the rest of the shard is skipped.
@@ -85,17 +89,19 @@ pub enum SkipReason {
 
 impl SkipReason {
     /// Every reason, in a fixed order.
-    pub const ALL: [SkipReason; 15] = [
+    pub const ALL: [SkipReason; 17] = [
         SkipReason::NoExtension,
         SkipReason::ZeroByteMember,
         SkipReason::MissingImage,
         SkipReason::MissingCaption,
         SkipReason::DuplicateKey,
+        SkipReason::CutShort,
         SkipReason::ImageDecodeError,
         SkipReason::ImageTooLarge,
         SkipReason::CaptionNotUtf8,
         SkipReason::CaptionTooLong,
         SkipReason::BadCaptionJson,
+        SkipReason::BadCaptionGzip,
         SkipReason::NotATar,
         SkipReason::CorruptTar,
         SkipReason::TruncatedTar,
@@ -111,11 +117,13 @@ impl SkipReason {
             SkipReason::MissingImage => "missing_image",
             SkipReason::MissingCaption => "missing_caption",
             SkipReason::DuplicateKey => "duplicate_key",
+            SkipReason::CutShort => "cut_short",
             SkipReason::ImageDecodeError => "image_decode_error",
             SkipReason::ImageTooLarge => "image_too_large",
             SkipReason::CaptionNotUtf8 => "caption_not_utf8",
             SkipReason::CaptionTooLong => "caption_too_long",
             SkipReason::BadCaptionJson => "bad_caption_json",
+            SkipReason::BadCaptionGzip => "bad_caption_gzip",
             SkipReason::NotATar => "not_a_tar",
             SkipReason::CorruptTar => "corrupt_tar",
             SkipReason::TruncatedTar => "truncated_tar",
@@ -152,9 +160,12 @@ pub struct RawSample {
     pub members: Vec<(String, Vec<u8>)>,
     /// Where it came from.
     pub pos: SamplePos,
-    /// True when this group was closed because the next member repeated one of its extensions
-    /// under the same key (OpenCLIP then starts a new sample).
-    pub cut_by_duplicate: bool,
+    /// Why this group was closed before its key changed, if it was: [`SkipReason::DuplicateKey`]
+    /// when the next member repeated one of its extensions under the same key (OpenCLIP then
+    /// starts a new sample), [`SkipReason::CutShort`] when the tar broke (truncated or corrupt)
+    /// after its last member. A cut group that lacks its image or caption is counted under this
+    /// reason; one that has both is a complete sample and is used, as python webdataset does.
+    pub cut: Option<SkipReason>,
     /// Which draw of its shard produced the sample: 0, except in resampled mode, where a shard
     /// drawn twice in one epoch gives its samples different augmentations.
     pub draw: u64,
@@ -306,11 +317,11 @@ impl ShardReader {
     }
 
     /// Close the current group and queue it if it is wanted.
-    fn close_current(&mut self, cut_by_duplicate: bool) {
+    fn close_current(&mut self, cut: Option<SkipReason>) {
         if let Some(mut s) = self.current.take()
             && self.wanted(s.pos.index)
         {
-            s.cut_by_duplicate = cut_by_duplicate;
+            s.cut = cut;
             self.queue.push_back(ShardEvent::Sample(s));
         }
     }
@@ -337,7 +348,7 @@ impl ShardReader {
                 .as_ref()
                 .is_some_and(|c| c.get(&suffix).is_some());
         if !same_key || repeated {
-            self.close_current(repeated);
+            self.close_current(repeated.then_some(SkipReason::DuplicateKey));
             self.current = Some(RawSample {
                 key: prefix.to_string(),
                 members: Vec::new(),
@@ -345,7 +356,7 @@ impl ShardReader {
                     shard: self.shard,
                     index: self.next_index,
                 },
-                cut_by_duplicate: false,
+                cut: None,
                 draw: 0,
             });
             self.next_index += 1;
@@ -369,8 +380,17 @@ impl ShardReader {
             E::Format(m) if m.contains("ends mid") => SkipReason::TruncatedTar,
             _ => SkipReason::CorruptTar,
         };
-        // The group being assembled may be missing members: drop it; a resume re-reads it.
-        let next_index = self.current.take().map_or(self.next_index, |c| c.pos.index);
+        let next_index = if reason == SkipReason::ShardReadFailed {
+            // The stream broke after the retries: a resume may read the group being assembled
+            // whole, so drop it here and resume at it.
+            self.current.take().map_or(self.next_index, |c| c.pos.index)
+        } else {
+            // The bytes themselves end or break: reading again gives the same. The group being
+            // assembled holds only members read whole; it is a sample if it has what training
+            // needs, as in python webdataset (`CutShort` otherwise).
+            self.close_current(Some(SkipReason::CutShort));
+            self.next_index
+        };
         self.queue.push_back(ShardEvent::Failed {
             reason,
             message,
@@ -408,7 +428,7 @@ impl Iterator for ShardReader {
                             next_index: 0,
                         });
                     } else {
-                        self.close_current(false);
+                        self.close_current(None);
                     }
                 }
             }
@@ -486,14 +506,14 @@ pub(crate) mod tests {
                 ("d/002".into(), 3, vec!["seg.png".into(), "json".into()]),
             ]
         );
-        let cut: Vec<bool> = events
+        let cut: Vec<Option<SkipReason>> = events
             .iter()
             .filter_map(|e| match e {
-                ShardEvent::Sample(s) => Some(s.cut_by_duplicate),
+                ShardEvent::Sample(s) => Some(s.cut),
                 _ => None,
             })
             .collect();
-        assert_eq!(cut, [false, true, false, false]);
+        assert_eq!(cut, [None, Some(SkipReason::DuplicateKey), None, None]);
         // The member is reported when read, before the group it sits in is closed.
         assert!(
             matches!(&events[2], ShardEvent::Member { reason: SkipReason::NoExtension, name } if name == "noext")
@@ -587,23 +607,46 @@ pub(crate) mod tests {
             ("b.txt", b"y"),
         ]);
         // Blocks: a.jpg header 0, data 1-2; a.txt 3, 4; b.jpg 5, 6-7; b.txt 8, 9.
-        // Cut inside b.txt's data: a was closed by b.jpg; b is dropped.
+        let cuts = |events: &[ShardEvent]| -> Vec<(String, Option<SkipReason>)> {
+            events
+                .iter()
+                .filter_map(|e| match e {
+                    ShardEvent::Sample(s) => Some((s.key.clone(), s.cut)),
+                    _ => None,
+                })
+                .collect()
+        };
+        // Cut inside b.txt's data: a was closed by b.jpg; b holds only b.jpg, read whole, and
+        // is handed on marked cut short (its missing caption is counted under that reason).
         let events = read(tar[..512 * 9 + 1].to_vec(), 0);
-        assert_eq!(keys(&events).len(), 1);
-        assert_eq!(failure(&events), (SkipReason::TruncatedTar, 1));
+        assert_eq!(cuts(&events), [("a".into(), None), ("b".into(), Some(SkipReason::CutShort))]);
+        assert_eq!(failure(&events), (SkipReason::TruncatedTar, 2));
+        // Cut in the end-of-archive blocks after b.txt: b is complete and yielded, as python
+        // webdataset yields it.
+        let events = read(tar[..512 * 10 + 100].to_vec(), 0);
+        assert_eq!(keys(&events).len(), 2);
+        assert_eq!(keys(&events)[1].2, ["jpg", "txt"]);
+        if let Some(ShardEvent::Failed { .. }) = events.last() {
+            assert_eq!(failure(&events), (SkipReason::TruncatedTar, 2));
+        }
         // Cut mid-header (b.txt's).
         let events = read(tar[..512 * 8 + 100].to_vec(), 0);
-        assert_eq!(keys(&events).len(), 1);
-        assert_eq!(failure(&events), (SkipReason::TruncatedTar, 1));
-        // Cut inside the first member's data: a truncated tar, not "not a tar".
+        assert_eq!(keys(&events).len(), 2);
+        assert_eq!(failure(&events), (SkipReason::TruncatedTar, 2));
+        // Cut inside the first member's data: a truncated tar, not "not a tar"; nothing whole.
         let events = read(tar[..700].to_vec(), 0);
+        assert_eq!(keys(&events).len(), 0);
         assert_eq!(failure(&events), (SkipReason::TruncatedTar, 0));
-        // Corrupt b.jpg's header: checksum mismatch while a is still being assembled.
+        // Corrupt b.jpg's header: checksum mismatch while a is still being assembled; a has
+        // both its members and is yielded.
         let mut bad = tar.clone();
         bad[512 * 5 + 10] ^= 0x55;
         let events = read(bad, 0);
+        assert_eq!(cuts(&events), [("a".into(), Some(SkipReason::CutShort))]);
+        assert_eq!(failure(&events), (SkipReason::CorruptTar, 1));
+        // A resume at the failure's index reads nothing twice.
+        let events = read(tar[..512 * 8 + 100].to_vec(), 2);
         assert_eq!(keys(&events).len(), 0);
-        assert_eq!(failure(&events), (SkipReason::CorruptTar, 0));
         assert_eq!(failure(&read(Vec::new(), 0)).0, SkipReason::NotATar);
         assert_eq!(
             failure(&read(b"hello, not a tar".repeat(100), 0)).0,

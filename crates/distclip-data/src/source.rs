@@ -5,8 +5,11 @@
 //! pumped by a small tokio runtime into a bounded channel, so network reads overlap decoding
 //! and nothing is written to disk. If the body breaks mid-stream (connection reset, timeout) the
 //! reader resumes with a ranged GET from the byte it had reached, pinned to the object's ETag,
-//! so the tar parser above never notices a retried read. Failures are retried with exponential
-//! backoff up to [`RetryPolicy::attempts`] and then reported as [`SourceError`]s.
+//! so the tar parser above never notices a retried read. Failures that may heal (timeouts,
+//! resets, server errors) are retried with exponential backoff up to [`RetryPolicy::attempts`];
+//! those that cannot (a local file or object that is not there, permission denied, refused
+//! credentials, an object replaced mid-read) fail at once. Both end as [`SourceError`]s, and
+//! every retry is counted ([`ShardOpener::retries`]).
 //!
 //! Credentials and endpoints come from the usual environment variables, read by
 //! `object_store`'s `from_env` builders: `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
@@ -19,6 +22,7 @@
 
 use std::collections::HashMap;
 use std::io::Read;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -67,6 +71,31 @@ impl RetryPolicy {
     }
 }
 
+/// Local errors that trying again cannot heal: the path is not there or not a file, or access
+/// is refused. (A file being written by another process shows up as a short read, not here.)
+fn cannot_heal_io(kind: std::io::ErrorKind) -> bool {
+    use std::io::ErrorKind as K;
+    matches!(kind, K::NotFound | K::PermissionDenied | K::IsADirectory | K::NotADirectory | K::InvalidInput)
+}
+
+/// Object-store errors that trying again cannot heal: not found (HTTP 404), refused (401,
+/// 403), a bad path or an unsupported call, or an object replaced since the read began
+/// (its ETag no longer matches, so resuming would mix two versions).
+fn cannot_heal_store(e: &object_store::Error) -> bool {
+    use object_store::Error as E;
+    matches!(
+        e,
+        E::NotFound { .. }
+            | E::PermissionDenied { .. }
+            | E::Unauthenticated { .. }
+            | E::InvalidPath { .. }
+            | E::NotSupported { .. }
+            | E::NotImplemented { .. }
+            | E::Precondition { .. }
+            | E::UnknownConfigurationKey { .. }
+    )
+}
+
 /// A shard that could not be opened or read.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -84,7 +113,7 @@ pub enum SourceError {
         message: String,
     },
     /// The first GET (or file open) failed every try.
-    #[error("cannot open shard {url} after {attempts} attempts: {message}")]
+    #[error("cannot open shard {url} {}: {message}", tries(*attempts, *cannot_heal))]
     Open {
         /// The shard URL.
         url: String,
@@ -94,7 +123,17 @@ pub enum SourceError {
         message: String,
         /// Whether the last error was "not found".
         not_found: bool,
+        /// Whether the last error was one that trying again cannot heal (so it was not retried).
+        cannot_heal: bool,
     },
+}
+
+fn tries(attempts: u32, cannot_heal: bool) -> String {
+    match (attempts, cannot_heal) {
+        (1, true) => "(not retried: this error cannot heal)".to_owned(),
+        (1, false) => "(1 attempt)".to_owned(),
+        (n, _) => format!("after {n} attempts"),
+    }
 }
 
 /// Opens shards by URL. Cheap to clone; clones share clients and the IO runtime.
@@ -112,6 +151,8 @@ struct Inner {
     read_ahead: usize,
     /// Store settings (`aws_endpoint`, `aws_allow_http`, ...) applied over the environment.
     options: Vec<(String, String)>,
+    /// Retries made (opens and resumed reads), shared with the readers.
+    retries: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for ShardOpener {
@@ -138,6 +179,7 @@ impl ShardOpener {
                 runtime: OnceLock::new(),
                 read_ahead: 16,
                 options: Vec::new(),
+                retries: Arc::new(AtomicU64::new(0)),
             }),
         }
     }
@@ -178,6 +220,12 @@ impl ShardOpener {
         &self.inner.retry
     }
 
+    /// Retries made so far by this opener and its clones: opens tried again and reads resumed
+    /// after a broken stream.
+    pub fn retries(&self) -> u64 {
+        self.inner.retries.load(Ordering::Relaxed)
+    }
+
     /// Open `url` as one streaming read. Retries the open per the policy.
     pub fn open(&self, url: &str) -> Result<ShardStream, SourceError> {
         match Location::parse(url)? {
@@ -195,6 +243,7 @@ impl ShardOpener {
                     path: StorePath::from(key),
                     handle: runtime,
                     retry: self.inner.retry.clone(),
+                    retries: self.inner.retries.clone(),
                     read_ahead: self.inner.read_ahead,
                     offset: 0,
                     size: None,
@@ -218,6 +267,7 @@ impl ShardOpener {
             attempts: 1,
             message,
             not_found: false,
+            cannot_heal: false,
         };
         match Location::parse(url)? {
             Location::Local(path) => match std::fs::metadata(&path) {
@@ -247,6 +297,15 @@ impl ShardOpener {
         let mut failures = 0;
         loop {
             match std::fs::File::open(path) {
+                Ok(f) if f.metadata().is_ok_and(|m| m.is_dir()) => {
+                    return Err(SourceError::Open {
+                        url: url.to_string(),
+                        attempts: failures + 1,
+                        message: "this is a folder, not a tar shard".into(),
+                        not_found: false,
+                        cannot_heal: true,
+                    });
+                }
                 Ok(f) => {
                     return Ok(ShardStream::Local(std::io::BufReader::with_capacity(
                         1 << 20,
@@ -255,14 +314,17 @@ impl ShardOpener {
                 }
                 Err(e) => {
                     failures += 1;
-                    if failures >= retry.attempts {
+                    let cannot_heal = cannot_heal_io(e.kind());
+                    if failures >= retry.attempts || cannot_heal {
                         return Err(SourceError::Open {
                             url: url.to_string(),
                             attempts: failures,
                             not_found: e.kind() == std::io::ErrorKind::NotFound,
                             message: e.to_string(),
+                            cannot_heal,
                         });
                     }
+                    self.inner.retries.fetch_add(1, Ordering::Relaxed);
                     std::thread::sleep(retry.backoff(failures));
                 }
             }
@@ -488,6 +550,8 @@ pub struct RemoteReader {
     path: StorePath,
     handle: tokio::runtime::Handle,
     retry: RetryPolicy,
+    /// The opener's retry count.
+    retries: Arc<AtomicU64>,
     read_ahead: usize,
     /// Bytes handed to the caller so far.
     offset: u64,
@@ -545,14 +609,17 @@ impl RemoteReader {
                 }
                 Err(e) => {
                     failures += 1;
-                    if failures >= self.retry.attempts {
+                    let cannot_heal = cannot_heal_store(&e);
+                    if failures >= self.retry.attempts || cannot_heal {
                         return Err(SourceError::Open {
                             url: self.url.clone(),
                             attempts: failures,
                             not_found: matches!(e, object_store::Error::NotFound { .. }),
                             message: e.to_string(),
+                            cannot_heal,
                         });
                     }
+                    self.retries.fetch_add(1, Ordering::Relaxed);
                     std::thread::sleep(self.retry.backoff(failures));
                 }
             }
@@ -587,6 +654,7 @@ impl RemoteReader {
                 )));
             }
             tracing::debug!(url = %self.url, offset = self.offset, error = %problem, "resuming shard read");
+            self.retries.fetch_add(1, Ordering::Relaxed);
             std::thread::sleep(self.retry.backoff(self.failures));
             self.rx = None;
             if let Err(e) = self.start() {
@@ -627,12 +695,14 @@ pub(crate) mod testing {
     };
     use std::sync::atomic::{AtomicU32, Ordering};
 
-    /// Delegates to `inner`; the first `broken_gets` GET bodies fail at absolute byte `cut_after`.
+    /// Delegates to `inner`; the first `refused_gets` GETs fail before any body (like a 503),
+    /// and the first `broken_gets` GET bodies after them fail at absolute byte `cut_after`.
     #[derive(Debug)]
     pub struct FlakyStore {
         pub inner: Arc<dyn ObjectStore>,
         pub cut_after: usize,
         pub broken_gets: u32,
+        pub refused_gets: u32,
         pub gets: AtomicU32,
         pub ranges: Mutex<Vec<Option<u64>>>,
     }
@@ -643,6 +713,7 @@ pub(crate) mod testing {
                 inner,
                 cut_after,
                 broken_gets,
+                refused_gets: 0,
                 gets: AtomicU32::new(0),
                 ranges: Mutex::new(Vec::new()),
             }
@@ -682,8 +753,11 @@ pub(crate) mod testing {
                 Some(GetRange::Offset(o)) => *o,
                 _ => 0,
             };
+            if n < self.refused_gets {
+                return Err(object_store::Error::Generic { store: "flaky", source: "503 Service Unavailable".into() });
+            }
             let result = self.inner.get_opts(location, options).await?;
-            if n >= self.broken_gets {
+            if n - self.refused_gets >= self.broken_gets {
                 return Ok(result);
             }
             // Deliver up to the absolute byte `cut_after`, then fail like a reset connection.
@@ -782,7 +856,7 @@ mod tests {
     }
 
     #[test]
-    fn missing_object_is_retried_then_reported_as_not_found() {
+    fn a_missing_object_is_reported_at_once_as_not_found() {
         let (opener, _) = memory_opener(&[], RetryPolicy::fast(3));
         let err = opener.open("memory:///d/404.tar").err().unwrap();
         match &err {
@@ -792,13 +866,33 @@ mod tests {
                 not_found,
                 ..
             } => {
+                // Not found cannot heal: one try, no retry.
                 assert_eq!(
                     (url.as_str(), *attempts, *not_found),
-                    ("memory:///d/404.tar", 3, true)
+                    ("memory:///d/404.tar", 1, true)
                 );
             }
             other => panic!("{other}"),
         }
+        assert_eq!(opener.retries(), 0);
+        assert!(err.to_string().contains("not retried"), "{err}");
+    }
+
+    #[test]
+    fn errors_that_may_heal_are_retried_and_counted() {
+        let inner: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+        put_all(&inner, &[("x.tar", body(1000))]);
+        let flaky = Arc::new(FlakyStore { refused_gets: 2, ..FlakyStore::new(inner.clone(), 0, 0) });
+        let opener = ShardOpener::new(RetryPolicy::fast(3)).with_store("memory", "", flaky.clone());
+        assert_eq!(read_all(opener.open("memory:///x.tar").unwrap()).unwrap(), body(1000));
+        assert_eq!((flaky.gets.load(Ordering::SeqCst), opener.retries()), (3, 2));
+        // One try fewer than the refusals: the open fails after its attempts.
+        let flaky = Arc::new(FlakyStore { refused_gets: 2, ..FlakyStore::new(inner, 0, 0) });
+        let opener = ShardOpener::new(RetryPolicy::fast(2)).with_store("memory", "", flaky);
+        let err = opener.open("memory:///x.tar").err().unwrap();
+        assert!(matches!(err, SourceError::Open { attempts: 2, not_found: false, .. }), "{err}");
+        assert!(err.to_string().contains("after 2 attempts") && err.to_string().contains("503"), "{err}");
+        assert_eq!(opener.retries(), 1);
     }
     #[test]
     fn exists_tells_present_from_missing_on_disk_and_in_a_store() {
@@ -852,6 +946,7 @@ mod tests {
             body(50_000)
         );
         assert_eq!(flaky.gets.load(Ordering::SeqCst), 3);
+        assert_eq!(opener.retries(), 2);
         // The first body breaks at 20,000; the first resume breaks at once; the second succeeds.
         assert_eq!(
             *flaky.ranges.lock().unwrap(),
@@ -884,6 +979,7 @@ mod tests {
         );
         let url = format!("file://{}", p.display());
         assert_eq!(read_all(opener.open(&url).unwrap()).unwrap(), body(3000));
+        // A missing file and a folder are final: one try each, no retry.
         let err = opener
             .open(dir.join("missing.tar").to_str().unwrap())
             .err()
@@ -892,13 +988,17 @@ mod tests {
             matches!(
                 err,
                 SourceError::Open {
-                    attempts: 2,
+                    attempts: 1,
                     not_found: true,
                     ..
                 }
             ),
             "{err}"
         );
+        let err = opener.open(dir.to_str().unwrap()).err().unwrap();
+        assert!(matches!(err, SourceError::Open { attempts: 1, cannot_heal: true, .. }), "{err}");
+        assert!(err.to_string().contains("folder"), "{err}");
+        assert_eq!(opener.retries(), 0);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -97,13 +97,16 @@ pub fn select<'a>(
         .iter()
         .find_map(|k| raw.members.iter().find(|(e, _)| e == k))
         .map(|(e, d)| (e.as_str(), d.as_slice()));
-    let caption_member = raw.get(cfg.caption_key.member());
-    let (Some((ext, image)), Some(caption)) = (image, caption_member) else {
-        if raw.cut_by_duplicate {
-            return Err(skip(
-                SkipReason::DuplicateKey,
-                "extension repeated under the same key",
-            ));
+    let caption_member = cfg.caption_key.find(raw);
+    let (Some((ext, image)), Some((caption_ext, caption))) = (image, caption_member) else {
+        match raw.cut {
+            Some(SkipReason::DuplicateKey) => {
+                return Err(skip(SkipReason::DuplicateKey, "extension repeated under the same key"));
+            }
+            Some(reason) => {
+                return Err(skip(reason, format!("the tar broke after members {}", member_list(raw))));
+            }
+            None => {}
         }
         return Err(match image {
             None => skip(
@@ -128,7 +131,7 @@ pub fn select<'a>(
             "caption member has 0 bytes",
         ));
     }
-    let text = cfg.caption_key.text(caption)?;
+    let text = cfg.caption_key.text_of(caption_ext, caption)?;
     let chars = text.chars().count();
     if chars > cfg.max_caption_chars {
         return Err(skip(
@@ -295,7 +298,7 @@ pub(crate) mod tests {
                 .map(|(e, d)| (e.to_string(), d.to_vec()))
                 .collect(),
             pos: SamplePos { shard: 0, index: 0 },
-            cut_by_duplicate: false,
+            cut: None,
             draw: 0,
         }
     }
@@ -429,7 +432,7 @@ pub(crate) mod tests {
         let ok = "é".repeat(10_000);
         assert_eq!(reason(&[("jpg", &jpg), ("txt", ok.as_bytes())], &c), None);
         let mut dup = raw(&[("jpg", &jpg)]);
-        dup.cut_by_duplicate = true;
+        dup.cut = Some(SkipReason::DuplicateKey);
         assert_eq!(
             select(&dup, &c).unwrap_err().reason,
             SkipReason::DuplicateKey

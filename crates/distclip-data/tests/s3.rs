@@ -259,29 +259,31 @@ fn not_found_and_wrong_credentials_are_reported_not_retried_forever() {
         .read_to_end(&mut body)
         .unwrap();
     assert_eq!(body, shard(2, 3));
-    // 404.
+    // 404: final, so tried once although the policy allows two.
     match opener(&endpoint, SECRET).open(&format!("s3://{BUCKET}/a/404.tar")) {
         Err(SourceError::Open {
             url,
             attempts,
             not_found,
+            cannot_heal,
             ..
         }) => assert_eq!(
-            (url.ends_with("a/404.tar"), attempts, not_found),
-            (true, 2, true)
+            (url.ends_with("a/404.tar"), attempts, not_found, cannot_heal),
+            (true, 1, true, true)
         ),
         Err(e) => panic!("{e}"),
         Ok(_) => panic!("a missing object opened"),
     }
-    // Wrong secret: the server refuses the signature (403), and the error says so.
+    // Wrong secret: the server refuses the signature (403), final too, and the error says so.
     match opener(&endpoint, "not-the-secret").open(&url) {
         Err(SourceError::Open {
             attempts,
             not_found,
+            cannot_heal,
             message,
             ..
         }) => {
-            assert_eq!((attempts, not_found), (2, false));
+            assert_eq!((attempts, not_found, cannot_heal), (1, false, true));
             assert!(
                 message.contains("SignatureDoesNotMatch") || message.contains("403"),
                 "{message}"

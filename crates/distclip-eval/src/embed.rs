@@ -162,7 +162,7 @@ mod tests {
             ("caption".into(), b"from caption".to_vec()),
             ("json".into(), br#"{"caption": "from json"}"#.to_vec()),
         ];
-        let raw = RawSample { key: "k".into(), members, pos: SamplePos { shard: 0, index: 0 }, cut_by_duplicate: false, draw: 0 };
+        let raw = RawSample { key: "k".into(), members, pos: SamplePos { shard: 0, index: 0 }, cut: None, draw: 0 };
         for (key, want) in [("txt", "from txt"), ("caption", "from caption"), ("json:caption", "from json")] {
             let key: CaptionKey = key.parse().unwrap();
             let train = TransformConfig { image_size: 8, caption_key: key.clone(), ..TransformConfig::default() };

@@ -74,7 +74,7 @@ mod tests {
                 key: i.to_string(),
                 members: vec![],
                 pos: SamplePos { shard: 0, index: i },
-                cut_by_duplicate: false,
+                cut: None,
                 draw: 0,
             })
             .collect();
