@@ -214,7 +214,7 @@ impl<'a> StepLoop<'a> {
 
     /// Act on a quorum answer; for TRAIN, take its epoch, fill in its member list and find
     /// this worker's rank.
-    fn answer(&mut self, q: pb::QuorumResponse) -> Result<Answer, WorkerError> {
+    fn answer(&mut self, mut q: pb::QuorumResponse) -> Result<Answer, WorkerError> {
         match pb::StepAction::try_from(q.action).unwrap_or(pb::StepAction::Unspecified) {
             pb::StepAction::Finish => {
                 self.set_serving(false);
@@ -251,7 +251,7 @@ impl<'a> StepLoop<'a> {
             }
         }
         self.epoch = q.epoch;
-        let mut quorum = q.quorum.clone().ok_or_else(|| self.coordinator_error("quorum answer without a quorum".into()))?;
+        let mut quorum = q.quorum.take().ok_or_else(|| self.coordinator_error("quorum answer without a quorum".into()))?;
         match &self.known {
             Some(k) if quorum.members.is_empty() && k.quorum_id == quorum.quorum_id => quorum.members = k.members.clone(),
             _ => self.known = Some(quorum.clone()),
