@@ -173,3 +173,54 @@ fn a_killed_run_resumes_from_its_last_good_checkpoint_exactly() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+
+/// Tensors of a safetensors file by name, with shapes.
+fn tensors(path: &Path) -> std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, v)| {
+            let data = v.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            (name, (v.shape().to_vec(), data))
+        })
+        .collect()
+}
+
+#[test]
+fn lit_fine_tuning_trains_only_what_is_unlocked_with_patch_dropout() {
+    let dir = tmp("lock");
+    let spec = synth(&dir, 16, 16);
+    let init = dir.join("init.safetensors");
+    ok_json(&["init", "--model", "tiny", "--seed", "5", "--out", init.to_str().unwrap()]);
+    let run = dir.join("run");
+    let args = [
+        "--pretrained", init.to_str().unwrap(), "--lock-image", "--lock-text", "--lock-text-unlocked-layers", "1",
+        "--patch-dropout", "0.5", "--max-steps", "2", "--batch-size", "8", "--lr", "1e-3", "--warmup", "1",
+    ];
+    launch(1, &spec, &run, &args);
+    let before = tensors(&init);
+    let after = tensors(&run.join("checkpoints/final/model.safetensors"));
+    assert_eq!(before.keys().collect::<Vec<_>>(), after.keys().collect::<Vec<_>>());
+    for (name, (_, b)) in &before {
+        let moved = after[name].1 != *b;
+        // --lock-text-unlocked-layers 1 leaves only the text projection; logit_scale is in no tower.
+        let trainable = name == "text_projection" || name == "logit_scale";
+        assert_eq!(moved, trainable, "{name}: moved {moved}, trainable {trainable}");
+    }
+    let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(config.contains("patch_dropout = 0.5") && config.contains("lock_image = true"), "{config}");
+
+    // Fine-tuning the same weights at another image size: 48 px is a 6x6 grid instead of 4x4.
+    let mut json: Value = serde_json::from_str(include_str!("../crates/distclip-model/configs/tiny.json")).unwrap();
+    json["vision_cfg"]["image_size"] = 48.into();
+    let model = dir.join("tiny-48.json");
+    std::fs::write(&model, json.to_string()).unwrap();
+    let run48 = dir.join("run48");
+    let name = format!("model.name={}", common::quoted(model.to_str().unwrap()));
+    launch(1, &spec, &run48, &["--pretrained", init.to_str().unwrap(), "--set", &name, "--max-steps", "1", "--batch-size", "4"]);
+    let (shape, pos) = &tensors(&run48.join("checkpoints/final/model.safetensors"))["visual.positional_embedding"];
+    assert_eq!(shape, &vec![37, 64]);
+    assert!(pos.iter().all(|v| v.is_finite()));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

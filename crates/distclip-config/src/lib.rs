@@ -81,11 +81,39 @@ pub struct ModelConfig {
     /// Start from these weights (OpenCLIP or distclip safetensors / .bin / .pt).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pretrained: Option<String>,
+    /// Fraction of image patches dropped in training (FLIP), overriding the model config's
+    /// `vision_cfg.patch_dropout` (OpenCLIP's `--force-patch-dropout`). Unset: the model's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub patch_dropout: Option<f64>,
+    /// Lock the image tower (OpenCLIP's `--lock-image`, LiT).
+    pub lock_image: bool,
+    /// Leave the last N image tower groups trainable (`--lock-image-unlocked-groups`).
+    pub lock_image_unlocked_groups: usize,
+    /// OpenCLIP's `--lock-image-freeze-bn-stats`: accepted for compatibility; a ViT has no
+    /// BatchNorm, so it changes nothing.
+    pub lock_image_freeze_bn_stats: bool,
+    /// Lock the text tower (`--lock-text`).
+    pub lock_text: bool,
+    /// Leave the last N text tower groups trainable (`--lock-text-unlocked-layers`).
+    pub lock_text_unlocked_layers: usize,
+    /// Freeze the LayerNorms of locked text groups with them (OpenCLIP's only mode for its
+    /// built-in text tower); false leaves them trainable, as OpenCLIP's HF text tower does.
+    pub lock_text_freeze_layer_norm: bool,
 }
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        Self { name: "ViT-B-32".into(), pretrained: None }
+        Self {
+            name: "ViT-B-32".into(),
+            pretrained: None,
+            patch_dropout: None,
+            lock_image: false,
+            lock_image_unlocked_groups: 0,
+            lock_image_freeze_bn_stats: false,
+            lock_text: false,
+            lock_text_unlocked_layers: 0,
+            lock_text_freeze_layer_norm: true,
+        }
     }
 }
 
@@ -367,6 +395,15 @@ impl RunConfig {
         let bad = |key, message: &str| Err(ConfigError::Invalid { key, message: message.into() });
         if self.model.name.trim().is_empty() {
             return bad("model.name", "must name a preset (see `distclip models`) or a model JSON");
+        }
+        if self.model.patch_dropout.is_some_and(|p| !(0.0..1.0).contains(&p)) {
+            return bad("model.patch_dropout", "must lie in [0, 1): the fraction of patches dropped");
+        }
+        if !self.model.lock_image && self.model.lock_image_unlocked_groups > 0 {
+            return bad("model.lock_image_unlocked_groups", "has no effect unless model.lock_image = true");
+        }
+        if !self.model.lock_text && self.model.lock_text_unlocked_layers > 0 {
+            return bad("model.lock_text_unlocked_layers", "has no effect unless model.lock_text = true");
         }
         if self.train.batch_size == 0 {
             return bad("train.batch_size", "must be at least 1");

@@ -20,6 +20,7 @@ pub fn known_keys() -> Vec<String> {
     for optional in
         [
         "model.pretrained",
+        "model.patch_dropout",
         "data.samples_per_epoch",
         "train.max_steps",
         "train.grad_clip_norm",

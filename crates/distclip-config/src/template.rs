@@ -49,6 +49,35 @@ pub(crate) const DOCS: &[KeyDoc] = &[
          or distclip safetensors, .bin or .pt. Unset: fresh weights.",
         "\"/models/ViT-B-32-openai.safetensors\"",
     ),
+    example(
+        "model.patch_dropout",
+        "Fraction of image patches dropped in training (FLIP patch dropout, [0, 1)), overriding the \
+         model config's vision_cfg.patch_dropout (OpenCLIP's --force-patch-dropout). Unset: the model's.",
+        "0.5",
+    ),
+    choice("model.lock_image", "Freeze the image tower (LiT; OpenCLIP's --lock-image).", BOOL),
+    key(
+        "model.lock_image_unlocked_groups",
+        "With lock_image: leave the last N groups trainable (proj; last block + ln_post; each earlier \
+         block; the stem), as OpenCLIP's --lock-image-unlocked-groups.",
+    ),
+    choice(
+        "model.lock_image_freeze_bn_stats",
+        "OpenCLIP's --lock-image-freeze-bn-stats, accepted for compatibility: a ViT has no BatchNorm.",
+        BOOL,
+    ),
+    choice("model.lock_text", "Freeze the text tower (OpenCLIP's --lock-text).", BOOL),
+    key(
+        "model.lock_text_unlocked_layers",
+        "With lock_text: leave the last N groups trainable (text_projection; last block + ln_final; \
+         each earlier block; the embeddings), as OpenCLIP's --lock-text-unlocked-layers.",
+    ),
+    choice(
+        "model.lock_text_freeze_layer_norm",
+        "With lock_text: freeze the LayerNorms of locked groups too (OpenCLIP's built-in text tower \
+         always does); false leaves them trainable, as OpenCLIP's HF text tower does.",
+        BOOL,
+    ),
     key("data", "Training data: WebDataset shards that every worker streams, decodes and augments."),
     example(
         "data.train",

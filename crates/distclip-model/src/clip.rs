@@ -158,6 +158,12 @@ impl Clip {
         self.visual.forward(images)
     }
 
+    /// Image features with only the patches `keep` `[B, K]` names (patch dropout in training;
+    /// `None` keeps all), see [`crate::patch_dropout`].
+    pub fn encode_image_kept(&self, images: Tensor<4>, keep: Option<Tensor<2, Int>>) -> Tensor<2> {
+        self.visual.forward_kept(images, keep)
+    }
+
     /// Unnormalised text features `[B, embed_dim]` from token ids `[B, context_length]`.
     pub fn encode_text(&self, tokens: Tensor<2, Int>) -> Tensor<2> {
         let [b, l] = tokens.dims();

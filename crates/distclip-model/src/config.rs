@@ -64,9 +64,17 @@ pub struct VisionConfig {
     /// Apply `ln_post` after pooling instead of before.
     #[serde(default)]
     pub final_ln_after_pool: bool,
+    /// Fraction of patch tokens dropped in training (FLIP; 0 disables), see
+    /// [`crate::patch_dropout`]. A run's `model.patch_dropout` overrides it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub patch_dropout: f64,
     /// OpenCLIP keys that distclip does not implement are collected here and refused.
     #[serde(flatten)]
     pub extra: BTreeMap<String, Value>,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 /// The text transformer (OpenCLIP `CLIPTextCfg`).
@@ -287,6 +295,12 @@ impl ClipConfig {
             return bad(format!(
                 "text_cfg.pool_type {:?} is not supported (use argmax, first, last or eos)",
                 t.pool_type
+            ));
+        }
+        if !(0.0..1.0).contains(&v.patch_dropout) {
+            return bad(format!(
+                "vision_cfg.patch_dropout {} is outside [0, 1) (it is the fraction of patches dropped)",
+                v.patch_dropout
             ));
         }
         if !(v.mlp_ratio > 0.0 && t.mlp_ratio > 0.0) {

@@ -14,8 +14,11 @@ pub mod checkpoint;
 pub mod clip;
 pub mod config;
 pub mod device;
+pub mod lock;
 pub mod loss;
 pub mod nn;
+pub mod patch_dropout;
+pub mod pos_embed;
 pub mod vision;
 
 pub use clip::{Clip, l2_normalize};

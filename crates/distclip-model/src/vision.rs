@@ -2,9 +2,10 @@
 
 use burn::module::{Module, Param};
 use burn::nn::Initializer;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Int, Tensor};
 
 use crate::config::{ClipConfig, mlp_width};
+use crate::patch_dropout::drop_patches;
 use crate::nn::{Activation, BlockInit, LayerNorm, Transformer, TransformerShape, torch_default_init};
 
 /// The convolutional patch stem (`conv1`, no bias). Stride equals kernel, so it is computed as
@@ -49,6 +50,7 @@ pub struct VisionTransformer {
     /// Projection to the joint space, `[width, embed_dim]` (used as `x @ proj`).
     pub proj: Param<Tensor<2>>,
     image_size: usize,
+    patch_dropout: f64,
     avg_pool: bool,
     final_ln_after_pool: bool,
 }
@@ -93,6 +95,7 @@ impl VisionTransformer {
             ln_post: LayerNorm::new(v.width, device),
             proj: normal.init([v.width, cfg.embed_dim], device),
             image_size: v.image_size,
+            patch_dropout: v.patch_dropout,
             avg_pool: v.pool_type == "avg",
             final_ln_after_pool: v.final_ln_after_pool,
         }
@@ -103,8 +106,25 @@ impl VisionTransformer {
         self.image_size
     }
 
-    /// Unnormalised image features `[B, embed_dim]` from preprocessed images `[B, 3, S, S]`.
+    /// Patch tokens per image (`grid * grid`).
+    pub fn num_patches(&self) -> usize {
+        self.positional_embedding.lazy_shape().dims::<2>()[0] - 1
+    }
+
+    /// Fraction of patches dropped in training (0: none).
+    pub fn patch_dropout(&self) -> f64 {
+        self.patch_dropout
+    }
+
+    /// Unnormalised image features `[B, embed_dim]` from preprocessed images `[B, 3, S, S]`,
+    /// every patch kept (evaluation, or training without patch dropout).
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
+        self.forward_kept(images, None)
+    }
+
+    /// As [`VisionTransformer::forward`], keeping only the patches `keep` `[B, K]` names
+    /// (see [`crate::patch_dropout`]); `None` keeps all.
+    pub fn forward_kept(&self, images: Tensor<4>, keep: Option<Tensor<2, Int>>) -> Tensor<2> {
         let x = self.conv1.forward(images);
         let [b, _, width] = x.dims();
         let cls = self
@@ -113,6 +133,9 @@ impl VisionTransformer {
             .reshape([1, 1, width])
             .expand([b, 1, width]);
         let mut x = Tensor::cat(vec![cls, x], 1) + self.positional_embedding.val().unsqueeze::<3>();
+        if let Some(keep) = keep {
+            x = drop_patches(x, keep);
+        }
         if let Some(ln) = &self.ln_pre {
             x = ln.forward(x);
         }

@@ -151,7 +151,9 @@ impl AdamW {
         let w2 = (1.0 - cfg.beta2) as f32;
         let eps = cfg.eps as f32;
         let decay = (1.0 - lr * cfg.weight_decay) as f32;
-        for spec in layout.specs() {
+        // A locked parameter is not in the optimizer at all (OpenCLIP builds its groups from
+        // `requires_grad` parameters only): no decay, no moments, no step.
+        for spec in layout.specs().iter().filter(|s| s.trainable) {
             let r = spec.offset..spec.offset + spec.len;
             let (p, g) = (&mut params[r.clone()], &grads[r.clone()]);
             let (m, v) = (&mut self.m[r.clone()], &mut self.v[r]);

@@ -10,6 +10,7 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::{Device, Gradients, Tensor, TensorData};
 use distclip_model::Clip;
 use distclip_model::checkpoint::openclip_key;
+use distclip_model::lock::Locking;
 
 /// One parameter's place in the flat buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +25,9 @@ pub struct ParamSpec {
     pub len: usize,
     /// Whether AdamW applies weight decay to it (see [`decays`]).
     pub decay: bool,
+    /// Whether it is trained; a locked parameter (see [`ParamLayout::lock`]) gets no gradient,
+    /// no all-reduce and no update, as a `requires_grad=False` parameter in OpenCLIP.
+    pub trainable: bool,
 }
 
 /// OpenCLIP 3.3.0's decay rule (`open_clip_train/main.py` line 335): no decay where
@@ -81,6 +85,7 @@ impl ModuleVisitor for LayoutVisitor {
             offset: self.total,
             len,
             decay,
+            trainable: true,
         });
         self.total += len;
     }
@@ -114,6 +119,34 @@ impl ParamLayout {
     /// Whether the model has no parameters.
     pub fn is_empty(&self) -> bool {
         self.total == 0
+    }
+
+    /// Mark the parameters `locking` freezes as not trainable (towers of as many blocks as the
+    /// layout's names show).
+    pub fn lock(&mut self, locking: &Locking) {
+        let blocks = |prefix: &str| {
+            self.specs
+                .iter()
+                .filter_map(|s| s.name.strip_prefix(prefix)?.split('.').next()?.parse::<usize>().ok())
+                .max()
+                .map_or(0, |i| i + 1)
+        };
+        let (vision, text) = (blocks("visual.transformer.resblocks."), blocks("transformer.resblocks."));
+        for s in &mut self.specs {
+            s.trainable = locking.trainable(&s.name, vision, text);
+        }
+    }
+
+    /// The element ranges of trainable parameters, adjacent ones merged, in buffer order.
+    pub fn trainable_ranges(&self) -> Vec<std::ops::Range<usize>> {
+        let mut out: Vec<std::ops::Range<usize>> = Vec::new();
+        for s in self.specs.iter().filter(|s| s.trainable) {
+            match out.last_mut() {
+                Some(r) if r.end == s.offset => r.end = s.offset + s.len,
+                _ => out.push(s.offset..s.offset + s.len),
+            }
+        }
+        out
     }
 
     /// The parameter called `name` (OpenCLIP spelling).
@@ -302,8 +335,9 @@ impl ModuleMapper for Writer<'_> {
         };
         let data = TensorData::new(self.values[spec.offset..spec.offset + spec.len].to_vec(), spec.shape.clone());
         // A fresh leaf that requires grad on the autodiff device: the next forward records
-        // a new graph from it.
-        let tensor = Tensor::<D>::from_data(data, self.device).require_grad();
+        // a new graph from it. A locked parameter is a constant, so no backward reaches it.
+        let tensor = Tensor::<D>::from_data(data, self.device);
+        let tensor = if spec.trainable { tensor.require_grad() } else { tensor };
         Param::initialized(param.id, tensor)
     }
 }

@@ -8,7 +8,8 @@ use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData};
 use distclip_config::Precision;
 use distclip_model::checkpoint::{StateDict, save_safetensors, state_dict};
 use distclip_model::loss::clip_loss_local;
-use distclip_model::{Clip, l2_normalize};
+use distclip_model::lock::Locking;
+use distclip_model::{Clip, l2_normalize, patch_dropout};
 
 use crate::collective::Collective;
 use crate::optim::{AdamW, LOGIT_SCALE_MAX, OptimConfig, clip_by_global_norm, global_norm};
@@ -115,6 +116,10 @@ pub struct Trainer {
     logit_scale_at: usize,
     /// Dtype the towers compute in (None: the parameters' fp32).
     compute: Option<FloatDType>,
+    /// Seed of the patch-dropout subsets (used when the image tower drops patches).
+    patch_seed: u64,
+    /// Fixed subsets per global row, replacing the seeded draw (see `with_patch_subsets`).
+    patch_fixed: Option<Vec<Vec<usize>>>,
 }
 
 /// Casts every float parameter; on an autodiff device the cast is tracked, so gradients flow
@@ -180,6 +185,8 @@ impl Trainer {
             vocab_size,
             logit_scale_at,
             compute: None,
+            patch_seed: 0,
+            patch_fixed: None,
         })
     }
 
@@ -192,6 +199,30 @@ impl Trainer {
             Precision::Fp32 => None,
             Precision::Bf16 => Some(FloatDType::BF16),
         };
+        self
+    }
+
+    /// Train only what `locking` leaves unlocked (OpenCLIP's `--lock-image` / `--lock-text`):
+    /// locked parameters become constants, get no gradient, are left out of the gradient
+    /// all-reduce and are never updated. Every rank of a run must lock alike.
+    pub fn with_locking(mut self, locking: &Locking) -> Result<Self, StepError> {
+        self.layout.lock(locking);
+        self.model = write_values(self.model, &self.layout, &self.params, &self.device).map_err(StepError::Backend)?;
+        Ok(self)
+    }
+
+    /// Seed the patch-dropout subsets (the run seed): a sample's subset is drawn from this
+    /// seed, the step and its row in the global batch, so it does not depend on the rank.
+    pub fn with_patch_dropout_seed(mut self, seed: u64) -> Self {
+        self.patch_seed = seed;
+        self
+    }
+
+    /// Keep exactly these patches at every step (row `i` of the global batch keeps
+    /// `subsets[i]`, all of equal length) instead of a seeded draw: replays the subsets another
+    /// implementation drew, e.g. to check a step against OpenCLIP's.
+    pub fn with_patch_subsets(mut self, subsets: Vec<Vec<usize>>) -> Self {
+        self.patch_fixed = Some(subsets);
         self
     }
 
@@ -281,18 +312,32 @@ impl Trainer {
         Ok(())
     }
 
-    /// L2-normalised image and text features of `b` (validated) through `model` on `device`.
-    fn encode(&self, model: &Clip, b: &LocalBatch<'_>, device: &Device) -> (Tensor<2>, Tensor<2>) {
+    /// L2-normalised image and text features of `b` (validated), rows `first_row..` of the
+    /// global batch, through `model` on `device`, with this step's patch dropout.
+    fn encode(&self, model: &Clip, b: &LocalBatch<'_>, first_row: usize, device: &Device) -> (Tensor<2>, Tensor<2>) {
         let s = self.model.image_size();
         let ctx = self.model.context_length();
         let images = Tensor::<4>::from_data(TensorData::new(b.images.to_vec(), [b.len, 3, s, s]), device);
         let tokens = Tensor::<2, Int>::from_data(TensorData::new(b.tokens.to_vec(), [b.len, ctx]), device);
+        let prob = self.model.visual.patch_dropout();
+        let keep = (prob > 0.0).then(|| match &self.patch_fixed {
+            Some(fixed) => {
+                let rows = &fixed[first_row.min(fixed.len())..(first_row + b.len).min(fixed.len())];
+                let k = rows.first().map_or(0, Vec::len);
+                let ids: Vec<i64> = rows.iter().flatten().map(|&i| i as i64).collect();
+                Tensor::from_data(TensorData::new(ids, [rows.len(), k]), device)
+            }
+            None => {
+                let patches = self.model.visual.num_patches();
+                patch_dropout::keep_tensor(patches, prob, self.patch_seed, self.optim.step, first_row, b.len, device)
+            }
+        });
         match self.compute {
-            None => (l2_normalize(model.encode_image(images)), l2_normalize(model.encode_text(tokens))),
+            None => (l2_normalize(model.encode_image_kept(images, keep)), l2_normalize(model.encode_text(tokens))),
             Some(dtype) => {
                 let low = model.clone().map(&mut CastParams(dtype));
                 let fp32 = |f: Tensor<2>| l2_normalize(f.cast(FloatDType::F32));
-                (fp32(low.encode_image(images.cast(dtype))), fp32(low.encode_text(tokens)))
+                (fp32(low.encode_image_kept(images.cast(dtype), keep)), fp32(low.encode_text(tokens)))
             }
         }
     }
@@ -381,8 +426,8 @@ impl Trainer {
         let mut row = 0;
         for b in micro.iter().filter(|b| b.len > 0) {
             let (f_img, f_txt) = match &no_grad {
-                Some(model) => self.encode(model, b, &ad.clone().inner()),
-                None => self.encode(&self.model, b, &ad),
+                Some(model) => self.encode(model, b, offset + row, &ad.clone().inner()),
+                None => self.encode(&self.model, b, offset + row, &ad),
             };
             let img = f_img.clone().try_into_vec_as::<f32>().map_err(backend("image features"))?;
             let txt = f_txt.clone().try_into_vec_as::<f32>().map_err(backend("text features"))?;
@@ -466,7 +511,7 @@ impl Trainer {
             let mut part = vec![0f32; self.layout.len()];
             let mut first = offset;
             for b in micro.iter().filter(|b| b.len > 0) {
-                let (f_img, f_txt) = self.encode(&self.model, b, &ad);
+                let (f_img, f_txt) = self.encode(&self.model, b, first, &ad);
                 let grads = surrogate(f_img, f_txt, first, b.len);
                 read_grads(&self.model, &self.layout, &grads, &mut part).map_err(StepError::Backend)?;
                 for (f, p) in flat.iter_mut().zip(&part) {
@@ -480,9 +525,12 @@ impl Trainer {
         flat[self.logit_scale_at] += dscale;
         let compute_s = started.elapsed().as_secs_f64() - clock.comm;
 
-        // 6. All-reduce (sum) the parameter gradients, bucket by bucket.
-        for bucket in flat.chunks_mut(self.bucket_elems) {
-            clock.time(|| comm.all_reduce_sum(bucket))?;
+        // 6. All-reduce (sum) the trainable parameters' gradients, bucket by bucket (locked
+        //    ones are zero everywhere).
+        for range in self.layout.trainable_ranges() {
+            for bucket in flat[range].chunks_mut(self.bucket_elems) {
+                clock.time(|| comm.all_reduce_sum(bucket))?;
+            }
         }
 
         if !loss.is_finite() {

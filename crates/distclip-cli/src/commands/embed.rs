@@ -39,7 +39,10 @@ pub fn load_model(model: &str, checkpoint: Option<&PathBuf>, device: &Device) ->
     let clip = cfg.init(device);
     match checkpoint {
         Some(path) => {
-            let state = read_state_dict(path)?;
+            let mut state = read_state_dict(path)?;
+            if let Some((from, to)) = distclip_model::pos_embed::resize_pos_embed(&mut state, cfg.grid_size())? {
+                tracing::info!(from, to, "resized the checkpoint's positional embedding to the model's patch grid");
+            }
             Ok(load_state_dict(clip, &state).with_context(|| format!("loading {}", path.display()))?)
         }
         None => {

@@ -20,6 +20,27 @@ pub struct RunArgs {
     /// Start from these weights: OpenCLIP or distclip safetensors, .bin or .pt (model.pretrained).
     #[arg(long, value_name = "FILE")]
     pub pretrained: Option<PathBuf>,
+    /// Drop this fraction of image patches in training, FLIP (model.patch_dropout).
+    #[arg(long, value_name = "FRACTION")]
+    pub patch_dropout: Option<f64>,
+    /// Freeze the image tower, LiT (model.lock_image).
+    #[arg(long)]
+    pub lock_image: bool,
+    /// With --lock-image: leave the last N image groups trainable (model.lock_image_unlocked_groups).
+    #[arg(long, value_name = "N")]
+    pub lock_image_unlocked_groups: Option<usize>,
+    /// Accepted for OpenCLIP compatibility; a ViT has no BatchNorm (model.lock_image_freeze_bn_stats).
+    #[arg(long)]
+    pub lock_image_freeze_bn_stats: bool,
+    /// Freeze the text tower (model.lock_text).
+    #[arg(long)]
+    pub lock_text: bool,
+    /// With --lock-text: leave the last N text groups trainable (model.lock_text_unlocked_layers).
+    #[arg(long, value_name = "N")]
+    pub lock_text_unlocked_layers: Option<usize>,
+    /// Freeze LayerNorms of locked text groups, the default (model.lock_text_freeze_layer_norm).
+    #[arg(long)]
+    pub lock_text_freeze_layer_norm: bool,
     /// Samples per worker per step (train.batch_size).
     #[arg(long)]
     pub batch_size: Option<usize>,
@@ -80,6 +101,27 @@ impl RunArgs {
                 "model.pretrained={}",
                 quoted(&p.display().to_string())
             ));
+        }
+        if let Some(p) = self.patch_dropout {
+            o.push(format!("model.patch_dropout={p:?}"));
+        }
+        if self.lock_image {
+            o.push("model.lock_image=true".into());
+        }
+        if let Some(n) = self.lock_image_unlocked_groups {
+            o.push(format!("model.lock_image_unlocked_groups={n}"));
+        }
+        if self.lock_image_freeze_bn_stats {
+            o.push("model.lock_image_freeze_bn_stats=true".into());
+        }
+        if self.lock_text {
+            o.push("model.lock_text=true".into());
+        }
+        if let Some(n) = self.lock_text_unlocked_layers {
+            o.push(format!("model.lock_text_unlocked_layers={n}"));
+        }
+        if self.lock_text_freeze_layer_norm {
+            o.push("model.lock_text_freeze_layer_norm=true".into());
         }
         if let Some(b) = self.batch_size {
             o.push(format!("train.batch_size={b}"));

@@ -10,6 +10,8 @@ use distclip_data::{Augment as DataAugment, CaptionKey, LoaderConfig, Order, Sha
 use distclip_eval::Suite;
 use distclip_model::ClipConfig;
 use distclip_model::checkpoint::{load_state_dict, read_state_dict};
+use distclip_model::lock::Locking;
+use distclip_model::pos_embed::resize_pos_embed;
 use distclip_model::device::parse_device;
 use distclip_proto::v1 as pb;
 
@@ -32,14 +34,23 @@ impl Setup {
     pub(super) fn new(opts: &WorkerOptions, config: &RunConfig, join: &pb::JoinResponse) -> Result<Setup, WorkerError> {
         // Every fresh worker initialises from the run's seed, so all ranks start equal
         // (checked by the parameter checksums in every commit); a late joiner heals from a peer.
-        let model_cfg = ClipConfig::from_name_or_path(&config.model.name)
+        let mut model_cfg = ClipConfig::from_name_or_path(&config.model.name)
             .map_err(|e| WorkerError::Config(format!("model.name = {:?}: {e}", config.model.name)))?;
+        if let Some(p) = config.model.patch_dropout {
+            model_cfg.vision_cfg.patch_dropout = p;
+        }
         let device = parse_device(&opts.device).map_err(|e| WorkerError::Setup(e.to_string()))?;
         device.seed(config.train.seed);
         let mut model = model_cfg.init(&device);
         if let Some(path) = &config.model.pretrained {
-            let state = read_state_dict(Path::new(path))
+            let mut state = read_state_dict(Path::new(path))
                 .map_err(|e| WorkerError::Setup(format!("model.pretrained {path}: {e}")))?;
+            // Fine-tuning at another image size (OpenCLIP's load_checkpoint does the same).
+            if let Some((from, to)) = resize_pos_embed(&mut state, model_cfg.grid_size())
+                .map_err(|e| WorkerError::Setup(format!("model.pretrained {path}: {e}")))?
+            {
+                tracing::info!(path, from, to, "resized the positional embedding's patch grid");
+            }
             model = load_state_dict(model, &state)
                 .map_err(|e| WorkerError::Setup(format!("model.pretrained {path}: {e}")))?;
         }
@@ -48,7 +59,10 @@ impl Setup {
             .map_err(|e| WorkerError::Config(e.to_string()))?;
         let mut trainer = Trainer::new(model, optim, &device)
             .map_err(|e| WorkerError::Setup(e.to_string()))?
-            .with_precision(config.train.precision);
+            .with_precision(config.train.precision)
+            .with_patch_dropout_seed(config.train.seed)
+            .with_locking(&locking(&config.model))
+            .map_err(|e| WorkerError::Setup(e.to_string()))?;
         if !join.resume_from.is_empty() {
             heal::resume(&mut trainer, Path::new(&join.resume_from))?;
         }
@@ -106,5 +120,14 @@ impl Setup {
             },
         };
         Ok(Setup { trainer, rank0, list, loader })
+    }
+}
+
+/// The run's `[model]` lock keys as the trainer's [`Locking`].
+fn locking(m: &distclip_config::ModelConfig) -> Locking {
+    Locking {
+        image_unlocked_groups: m.lock_image.then_some(m.lock_image_unlocked_groups),
+        text_unlocked_layers: m.lock_text.then_some(m.lock_text_unlocked_layers),
+        text_freeze_layer_norm: m.lock_text_freeze_layer_norm,
     }
 }
