@@ -224,3 +224,44 @@ fn lit_fine_tuning_trains_only_what_is_unlocked_with_patch_dropout() {
     assert!(pos.iter().all(|v| v.is_finite()));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn tensorboard_events_and_a_remote_copy_follow_the_run() {
+    let dir = tmp("report");
+    let spec = synth(&dir, 24, 24);
+    let run = dir.join("run");
+    let remote = dir.join("remote");
+    let url = format!("file://{}", remote.display());
+    launch(
+        1,
+        &spec,
+        &run,
+        &["--max-steps", "4", "--batch-size", "6", "--report-to", "tensorboard", "--remote-sync", &url, "--set", "log.checkpoint_every=2"],
+    );
+    // TensorBoard: one train/loss per step, equal to metrics.jsonl's.
+    let folder = run.join("tensorboard");
+    let files: Vec<_> = std::fs::read_dir(&folder).unwrap().flatten().map(|e| e.path()).collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let name = files[0].file_name().unwrap().to_string_lossy().into_owned();
+    assert!(name.starts_with("events.out.tfevents."), "{name}");
+    let scalars = distclip_coordinator::tensorboard::read_scalars(&std::fs::read(&files[0]).unwrap()).unwrap();
+    let tb_loss: Vec<(u64, f32)> =
+        scalars.iter().filter(|(t, _, _)| t == "train/loss").map(|(_, s, v)| (*s, *v)).collect();
+    let metrics: Vec<(u64, f32)> = jsonl(&run.join("metrics.jsonl"))
+        .iter()
+        .filter(|m| m.get("eval").is_none())
+        .map(|m| (m["step"].as_u64().unwrap(), m["loss"].as_f64().unwrap() as f32))
+        .collect();
+    assert_eq!(metrics.len(), 4);
+    assert_eq!(tb_loss, metrics);
+    assert!(scalars.iter().any(|(t, _, _)| t == "train/lr"));
+
+    // The remote copy holds every checkpoint and the final logs, byte for byte.
+    for rel in ["checkpoints/step-00000002/model.safetensors", "checkpoints/final/model.safetensors", "checkpoints/final/optimizer.bin", "metrics.jsonl", "config.toml", "events.jsonl"] {
+        let (a, b) = (run.join(rel), remote.join(rel));
+        assert!(b.is_file(), "{rel} missing from the remote copy");
+        assert!(std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(), "{rel} differs from the run directory");
+    }
+    assert!(remote.join("tensorboard").join(&name).is_file());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -13,6 +13,8 @@ same training step as that script with one feature switched on. Writes
                                   OpenCLIP's ``PatchDropout(0.5)`` kept for each row in step 1
                                   (in its ``topk`` order)
 * ``patch_dropout.safetensors``   the state dict after that step
+* ``epoch_1.pt``                  the same weights as ``open_clip_train`` saves a training
+                                  checkpoint: ``{"epoch", "name", "state_dict", "optimizer"}``
 * ``lock_image.safetensors``      the state dict after 2 steps with
                                   ``lock_image_tower(unlocked_groups=2)`` and
                                   ``lock_text_tower(unlocked_layers=0)`` (main.py's --lock-image
@@ -51,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_step_fixture import CONFIG, HPARAMS, build_optimizer, state  # noqa: E402
 
 DROP = 0.5
+OPTIMIZER: list = []  # the last train()'s optimizer, for epoch_1.pt
 
 
 def load_model(config: dict) -> CLIP:
@@ -64,6 +67,7 @@ def train(model: CLIP, steps: int) -> list[float]:
     """make_step_fixture.py's step; frozen parameters leave the optimizer as in main.py."""
     batches = load_file(STEP / "batches.safetensors")
     optimizer = build_optimizer(model)
+    OPTIMIZER[:] = [optimizer]
     scheduler = cosine_lr(optimizer, HPARAMS["lr"], HPARAMS["warmup"], HPARAMS["total_steps"])
     loss_fn = ClipLoss()
     losses = []
@@ -106,6 +110,9 @@ def patch_dropout_case() -> dict:
     assert len(kept) == 1, f"PatchDropout ran {len(kept)} times in one step"
     save_file({"keep": kept[0].contiguous()}, OUT / "patch_dropout_keep.safetensors")
     save_file(state(model), OUT / "patch_dropout.safetensors")
+    # The same weights as open_clip_train/main.py saves a training checkpoint (epoch_N.pt).
+    torch.save({"epoch": 1, "name": "features", "state_dict": model.state_dict(), "optimizer": OPTIMIZER[0].state_dict()},
+               OUT / "epoch_1.pt")
     return {"prob": DROP, "kept": int(kept[0].shape[1]), "loss": losses[0]}
 
 

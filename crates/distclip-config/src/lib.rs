@@ -336,11 +336,28 @@ pub struct LogConfig {
     pub checkpoint_every: u64,
     /// Checkpoints kept.
     pub keep_checkpoints: usize,
+    /// Where metrics go besides `metrics.jsonl` (OpenCLIP's `--report-to`): `tensorboard`
+    /// writes event files to `RUN/tensorboard/`.
+    pub report_to: Vec<String>,
+    /// Copy the run directory to this object-store prefix (`s3://bucket/runs/name`, `gs://`,
+    /// `az://`, `file://`) after every checkpoint and at the end (OpenCLIP's `--remote-sync`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote_sync: Option<String>,
+    /// Also sync every N seconds while training (0: only at checkpoints and the end);
+    /// OpenCLIP's `--remote-sync-frequency`.
+    pub remote_sync_frequency_s: u64,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { every_steps: 10, checkpoint_every: 0, keep_checkpoints: 3 }
+        Self {
+            every_steps: 10,
+            checkpoint_every: 0,
+            keep_checkpoints: 3,
+            report_to: Vec::new(),
+            remote_sync: None,
+            remote_sync_frequency_s: 300,
+        }
     }
 }
 
@@ -404,6 +421,14 @@ impl RunConfig {
         }
         if !self.model.lock_text && self.model.lock_text_unlocked_layers > 0 {
             return bad("model.lock_text_unlocked_layers", "has no effect unless model.lock_text = true");
+        }
+        if let Some(r) = self.log.report_to.iter().find(|r| r.as_str() != "tensorboard") {
+            let message = if r == "wandb" {
+                "wandb is not supported (no network service in the product); use \"tensorboard\""
+            } else {
+                "takes \"tensorboard\" (the only reporter besides metrics.jsonl)"
+            };
+            return bad("log.report_to", message);
         }
         if self.train.batch_size == 0 {
             return bad("train.batch_size", "must be at least 1");

@@ -21,6 +21,7 @@ pub fn known_keys() -> Vec<String> {
         [
         "model.pretrained",
         "model.patch_dropout",
+        "log.remote_sync",
         "data.samples_per_epoch",
         "train.max_steps",
         "train.grad_clip_norm",

@@ -225,6 +225,22 @@ pub(crate) const DOCS: &[KeyDoc] = &[
     key("log.every_steps", "Console line every N steps (metrics.jsonl gets every step)."),
     key("log.checkpoint_every", "Checkpoint every N steps (0: only at the end)."),
     key("log.keep_checkpoints", "How many checkpoints to keep."),
+    key(
+        "log.report_to",
+        "Reporters besides metrics.jsonl (OpenCLIP's --report-to): [\"tensorboard\"] writes TensorBoard \
+         event files to RUN/tensorboard/ (train/<metric> per step, val/<metric> per evaluation).",
+    ),
+    example(
+        "log.remote_sync",
+        "Copy the run directory (logs, state, checkpoints) to this object-store prefix after every \
+         checkpoint, every remote_sync_frequency_s and at the end (OpenCLIP's --remote-sync); new and \
+         changed files only, nothing deleted remotely. Credentials as for data.train. Unset: no copy.",
+        "\"s3://bucket/runs/my-run\"",
+    ),
+    key(
+        "log.remote_sync_frequency_s",
+        "With remote_sync: also sync every N seconds while training (0: only at checkpoints and the end).",
+    ),
 ];
 
 const WIDTH: usize = 96;

@@ -48,6 +48,9 @@ pub enum CoordinatorError {
         /// What is wrong.
         message: String,
     },
+    /// A configured destination (`log.remote_sync`) that cannot be used.
+    #[error("{0}")]
+    Remote(String),
     /// The listen address is bad or taken.
     #[error(
         "cannot listen on {addr}: {message}; pick another --listen address (port 0 picks a free port)"

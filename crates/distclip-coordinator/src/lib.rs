@@ -20,9 +20,11 @@ pub mod metrics;
 pub mod persist;
 pub mod progress;
 pub mod ranges;
+mod remote;
 mod resume;
 pub mod service;
 pub mod status;
+pub mod tensorboard;
 
 pub use error::CoordinatorError;
 pub use ledger::ShardInfo;

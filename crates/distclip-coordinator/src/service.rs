@@ -122,6 +122,10 @@ struct Shared {
     /// Curves and latest events for the status page.
     recent: Mutex<crate::status::Recent>,
     latency: crate::metrics::Latency,
+    /// `RUN/tensorboard/` event file, with `log.report_to = ["tensorboard"]`.
+    tensorboard: Option<Mutex<crate::tensorboard::EventFile>>,
+    /// Wakes the remote sync (`log.remote_sync`) when a checkpoint is written.
+    sync_now: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl Shared {
@@ -151,11 +155,22 @@ impl Shared {
             if let Err(e) = self.dir.append_metrics(&out.metrics) {
                 tracing::error!("{e}");
             }
+            if let Some(tb) = &self.tensorboard
+                && let Ok(mut tb) = tb.lock()
+                && let Err(e) = tb.write_metrics(&out.metrics, crate::persist::unix_time())
+            {
+                tracing::error!("appending to {}: {e}", tb.path().display());
+            }
             if let Ok(mut p) = self.progress.lock() {
                 let now = Instant::now();
                 for line in out.metrics.iter().filter_map(|m| p.observe(m, now)) {
                     tracing::info!(target: "distclip::progress", "{line}");
                 }
+            }
+            if let Some(now) = &self.sync_now
+                && out.events.iter().any(|e| e.kind == "checkpoint")
+            {
+                now.notify_one();
             }
             for ev in &out.events {
                 log_event(ev);
@@ -402,6 +417,8 @@ pub struct Coordinator {
     exit_grace: Duration,
     tls: Option<distclip_proto::tls::Tls>,
     keep_serving: bool,
+    /// The remote copy of the run directory, started with the run.
+    remote: Option<(distclip_data::remote_sync::RemoteSync, Duration)>,
 }
 
 fn new_run_id() -> String {
@@ -483,6 +500,24 @@ impl Coordinator {
         let http = crate::http::bind(opts.http_listen.as_deref(), &dir).await?;
         dir.write_addr(&addr.to_string())?;
         let wait_limit = cfg.join_timeout + cfg.step_timeout + cfg.heartbeat_timeout;
+        let tensorboard = if config.log.report_to.iter().any(|r| r == "tensorboard") {
+            let folder = dir.root().join("tensorboard");
+            let file = crate::tensorboard::EventFile::create(&folder, crate::persist::unix_time())
+                .map_err(|source| CoordinatorError::Io { action: "create", path: folder, source })?;
+            tracing::info!(path = %file.path().display(), "writing TensorBoard events");
+            Some(Mutex::new(file))
+        } else {
+            None
+        };
+        // A remote that cannot be used is refused before any worker starts.
+        let remote = match &config.log.remote_sync {
+            Some(url) => Some((
+                distclip_data::remote_sync::RemoteSync::new(url, &[]).map_err(|e| CoordinatorError::Remote(e.to_string()))?,
+                Duration::from_secs(config.log.remote_sync_frequency_s),
+            )),
+            None => None,
+        };
+        let sync_now = remote.as_ref().map(|_| Arc::new(tokio::sync::Notify::new()));
         let (changed, _) = watch::channel(0);
         let shared = Arc::new(Shared {
             machine: Mutex::new(machine),
@@ -495,6 +530,8 @@ impl Coordinator {
             progress: Mutex::new(Progress::new(cfg.total_steps, cfg.epochs, config.log.every_steps)),
             recent: Mutex::new(crate::status::Recent::default()),
             latency: Default::default(),
+            tensorboard,
+            sync_now,
         });
         // A restarted coordinator's page starts with the run's history, not a blank.
         if let Ok(mut r) = shared.recent.lock() {
@@ -515,6 +552,7 @@ impl Coordinator {
             exit_grace,
             tls: opts.tls,
             keep_serving: opts.keep_serving,
+            remote,
         })
     }
 
@@ -546,6 +584,12 @@ impl Coordinator {
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let http = self.http.map(|l| crate::http::spawn(l, shared.clone()));
+        let syncer = match (self.remote, &shared.sync_now) {
+            (Some((sync, every)), Some(wake)) => {
+                Some(crate::remote::Syncer::spawn(sync, shared.dir.root().to_path_buf(), every, wake.clone()))
+            }
+            _ => None,
+        };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let incoming = tonic::transport::server::TcpIncoming::from(self.listener);
         let mut builder = tonic::transport::Server::builder();
@@ -623,6 +667,9 @@ impl Coordinator {
         }
         // Blocked calls were woken above; do not wait long for stragglers' connections.
         let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+        if let Some(syncer) = syncer {
+            syncer.finish().await;
+        }
         Ok(shared.read(|m| RunOutcome {
             run_id: m.run_id().to_string(),
             state: m.phase().name().to_string(),

@@ -16,6 +16,7 @@
 
 pub mod caption;
 pub mod loader;
+pub mod remote_sync;
 pub mod samples;
 pub mod source;
 pub mod spec;

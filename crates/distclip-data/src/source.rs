@@ -445,7 +445,7 @@ fn configure<B, K: std::str::FromStr>(
     builder
 }
 
-fn build_store(
+pub(crate) fn build_store(
     url: &str,
     scheme: &str,
     bucket: &str,

@@ -400,3 +400,37 @@ fn a_response_cut_mid_body_resumes_with_a_ranged_get() {
         .unwrap();
     assert!(from > 0 && from < data.len() as u64, "range {range}");
 }
+
+#[test]
+fn a_run_directory_syncs_to_a_real_s3_server() {
+    use distclip_data::remote_sync::RemoteSync;
+    let server = S3Server::start("sync");
+    let local = std::env::temp_dir().join(format!("distclip-s3-sync-run-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&local);
+    std::fs::create_dir_all(local.join("checkpoints/final")).unwrap();
+    // S3 parts are at least 5 MiB except the last: 6 MiB in 5 MiB parts is a 2-part upload.
+    let model: Vec<u8> = (0..6u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(local.join("checkpoints/final/model.safetensors"), &model).unwrap();
+    std::fs::write(local.join("config.toml"), "[model]\nname = \"tiny\"\n").unwrap();
+    let good: Vec<(String, String)> =
+        options(&server.endpoint(), SECRET).into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    let url = format!("s3://{BUCKET}/runs/one");
+    let mut sync = RemoteSync::new(&url, &good).unwrap().with_multipart_bytes(5 << 20);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let report = rt.block_on(sync.sync(&local)).unwrap();
+    assert_eq!((report.uploaded, report.bytes), (2, (6 << 20) + 22));
+    let remote = server.root.join(BUCKET).join("runs/one");
+    assert!(std::fs::read(remote.join("checkpoints/final/model.safetensors")).unwrap() == model, "model bytes differ");
+    assert_eq!(std::fs::read_to_string(remote.join("config.toml")).unwrap(), "[model]\nname = \"tiny\"\n");
+    // Nothing changed: nothing is sent again.
+    assert_eq!(rt.block_on(sync.sync(&local)).unwrap().uploaded, 0);
+
+    // Refused credentials fail the sync with the file and the remote named.
+    let bad: Vec<(String, String)> =
+        options(&server.endpoint(), "wrong-secret").into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    let mut refused = RemoteSync::new(&url, &bad).unwrap();
+    let e = rt.block_on(refused.sync(&local)).unwrap_err().to_string();
+    assert!(e.contains("config.toml") || e.contains("model.safetensors"), "{e}");
+    assert!(e.contains(&url), "{e}");
+    std::fs::remove_dir_all(&local).unwrap();
+}

@@ -250,3 +250,18 @@ fn siglip_loss_value_and_gradients_match_openclip() {
         }
     }
 }
+
+/// `epoch_N.pt` as `open_clip_train/main.py` saves it (`epoch`, `name`, `state_dict`,
+/// `optimizer` with its moments), from `tools/parity/make_features_fixture.py`: its
+/// `state_dict` is read, the optimizer's tensors are not mistaken for weights, and it loads
+/// into the model the weights were trained as.
+#[test]
+fn open_clip_training_checkpoint_epoch_n_pt_loads() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/parity");
+    let from_pt = read_state_dict(&root.join("features/epoch_1.pt")).unwrap();
+    let want = read_state_dict(&root.join("features/patch_dropout.safetensors")).unwrap();
+    assert_eq!(from_pt, want);
+    let cfg = distclip_model::ClipConfig::from_file(&root.join("step/config.json")).unwrap();
+    let model = load_state_dict(cfg.init(&burn::tensor::Device::flex()), &from_pt).unwrap();
+    assert_eq!(state_dict(&model), want);
+}

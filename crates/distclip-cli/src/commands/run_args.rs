@@ -41,6 +41,15 @@ pub struct RunArgs {
     /// Freeze LayerNorms of locked text groups, the default (model.lock_text_freeze_layer_norm).
     #[arg(long)]
     pub lock_text_freeze_layer_norm: bool,
+    /// Reporters besides metrics.jsonl, comma-separated: `tensorboard` (log.report_to).
+    #[arg(long, value_name = "LIST")]
+    pub report_to: Option<String>,
+    /// Copy the run directory to this object-store prefix, e.g. s3://bucket/runs/x (log.remote_sync).
+    #[arg(long, value_name = "URL")]
+    pub remote_sync: Option<String>,
+    /// Seconds between remote syncs while training (log.remote_sync_frequency_s).
+    #[arg(long, value_name = "SECONDS")]
+    pub remote_sync_frequency: Option<u64>,
     /// Samples per worker per step (train.batch_size).
     #[arg(long)]
     pub batch_size: Option<usize>,
@@ -122,6 +131,16 @@ impl RunArgs {
         }
         if self.lock_text_freeze_layer_norm {
             o.push("model.lock_text_freeze_layer_norm=true".into());
+        }
+        if let Some(r) = &self.report_to {
+            let list: Vec<String> = r.split(',').map(str::trim).filter(|s| !s.is_empty()).map(quoted).collect();
+            o.push(format!("log.report_to=[{}]", list.join(", ")));
+        }
+        if let Some(u) = &self.remote_sync {
+            o.push(format!("log.remote_sync={}", quoted(u)));
+        }
+        if let Some(f) = self.remote_sync_frequency {
+            o.push(format!("log.remote_sync_frequency_s={f}"));
         }
         if let Some(b) = self.batch_size {
             o.push(format!("train.batch_size={b}"));
