@@ -216,9 +216,12 @@ pub fn random_resized_crop(
     (top, left, h, w): (usize, usize, usize, usize),
     size: usize,
 ) -> Result<Vec<f32>, ImageError> {
-    let crop = img.crop(left, top, w, h)?;
-    let resized = distclip_image::resize_bicubic(&crop, size, size);
-    Ok(distclip_image::to_normalized_chw(&resized.to_rgb()))
+    let resized = distclip_image::resize_crop_bicubic(img, (left, top, w, h), size, size)?;
+    Ok(if resized.channels == 3 {
+        distclip_image::to_normalized_chw(&resized)
+    } else {
+        distclip_image::to_normalized_chw(&resized.to_rgb())
+    })
 }
 
 /// Python's `round()`: half to even.

@@ -5,6 +5,8 @@
 
 use crate::ImageError;
 
+use std::borrow::Cow;
+
 /// Pillow's fixed-point precision for 8-bit resampling: `32 - 8 - 2`.
 const PRECISION_BITS: u32 = 22;
 
@@ -169,19 +171,23 @@ fn precompute(in_size: usize, out_size: usize) -> Coeffs {
     Coeffs { ksize, bounds, kk }
 }
 
-fn clip8(v: i64) -> u8 {
+// Sums are i32, as Pillow's `INT32 ss`: the weights of one output pixel sum to 2^22 (their
+// absolute values to under 1.3 x 2^22), so 255 times them stays below 2^31. i32 also lets the
+// compiler vectorise the passes, which i64 multiplies did not.
+fn clip8(v: i32) -> u8 {
     (v >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
 /// Horizontal pass over rows `y0..y0+rows` of `src`. All channels of a pixel are accumulated
 /// in one walk over its taps (the taps of one output pixel are contiguous in the row); the
 /// channel count is a const parameter so the inner loop unrolls.
-fn horizontal(src: &Raw8, y0: usize, rows: usize, out_w: usize, co: &Coeffs) -> Raw8 {
+/// `x0` is the first column of the window being resized (`co` is relative to it).
+fn horizontal(src: &Raw8, x0: usize, y0: usize, rows: usize, out_w: usize, co: &Coeffs) -> Raw8 {
     let data = match src.channels {
-        1 => horizontal_c::<1>(src, y0, rows, out_w, co),
-        2 => horizontal_c::<2>(src, y0, rows, out_w, co),
-        3 => horizontal_c::<3>(src, y0, rows, out_w, co),
-        _ => horizontal_c::<4>(src, y0, rows, out_w, co),
+        1 => horizontal_c::<1>(src, x0, y0, rows, out_w, co),
+        2 => horizontal_c::<2>(src, x0, y0, rows, out_w, co),
+        3 => horizontal_c::<3>(src, x0, y0, rows, out_w, co),
+        _ => horizontal_c::<4>(src, x0, y0, rows, out_w, co),
     };
     Raw8 {
         width: out_w,
@@ -191,19 +197,19 @@ fn horizontal(src: &Raw8, y0: usize, rows: usize, out_w: usize, co: &Coeffs) -> 
     }
 }
 
-fn horizontal_c<const C: usize>(src: &Raw8, y0: usize, rows: usize, out_w: usize, co: &Coeffs) -> Vec<u8> {
+fn horizontal_c<const C: usize>(src: &Raw8, x0: usize, y0: usize, rows: usize, out_w: usize, co: &Coeffs) -> Vec<u8> {
     let stride = src.width * C;
     let mut data = vec![0u8; out_w * rows * C];
     for (yy, out_row) in data.chunks_exact_mut(out_w * C).enumerate() {
-        let row = &src.data[(yy + y0) * stride..(yy + y0 + 1) * stride];
+        let row = &src.data[(yy + y0) * stride + x0 * C..(yy + y0 + 1) * stride];
         for (xx, out_px) in out_row.chunks_exact_mut(C).enumerate() {
             let (xmin, xmax) = co.bounds[xx];
             let k = &co.kk[xx * co.ksize..xx * co.ksize + xmax];
             let taps = &row[xmin * C..(xmin + xmax) * C];
-            let mut ss = [1i64 << (PRECISION_BITS - 1); C];
+            let mut ss = [1i32 << (PRECISION_BITS - 1); C];
             for (px, &w) in taps.chunks_exact(C).zip(k) {
                 for ch in 0..C {
-                    ss[ch] += i64::from(px[ch]) * i64::from(w);
+                    ss[ch] += i32::from(px[ch]) * w;
                 }
             }
             for ch in 0..C {
@@ -219,15 +225,15 @@ fn horizontal_c<const C: usize>(src: &Raw8, y0: usize, rows: usize, out_w: usize
 fn vertical(src: &Raw8, out_h: usize, co: &Coeffs, shift: usize) -> Raw8 {
     let stride = src.width * src.channels;
     let mut data = vec![0u8; stride * out_h];
-    let mut acc = vec![0i64; stride];
+    let mut acc = vec![0i32; stride];
     for (yy, out_row) in data.chunks_exact_mut(stride).enumerate() {
         let (ymin, ymax) = co.bounds[yy];
         let ymin = ymin - shift;
-        acc.fill(1i64 << (PRECISION_BITS - 1));
+        acc.fill(1i32 << (PRECISION_BITS - 1));
         for (y, &w) in co.kk[yy * co.ksize..yy * co.ksize + ymax].iter().enumerate() {
             let row = &src.data[(y + ymin) * stride..(y + ymin + 1) * stride];
             for (a, &v) in acc.iter_mut().zip(row) {
-                *a += i64::from(v) * i64::from(w);
+                *a += i32::from(v) * w;
             }
         }
         for (o, &a) in out_row.iter_mut().zip(&acc) {
@@ -248,15 +254,44 @@ pub fn resize_bicubic(img: &Raw8, out_w: usize, out_h: usize) -> Raw8 {
     if (img.width, img.height) == (out_w, out_h) || out_w == 0 || out_h == 0 {
         return img.clone();
     }
-    let has_alpha = img.channels == 2 || img.channels == 4;
-    let mut src = img.clone();
-    if has_alpha {
-        src.premultiply();
+    resize_window(img, (0, 0, img.width, img.height), out_w, out_h)
+}
+
+/// PIL's `img.crop((left, top, left + w, top + h)).resize((out_w, out_h), Image.BICUBIC)`
+/// (torchvision's `resized_crop`), with the same pixels, but without copying the window out
+/// first: the horizontal pass reads it in place. Errors if the window leaves the image.
+pub fn resize_crop_bicubic(
+    img: &Raw8,
+    (left, top, w, h): (usize, usize, usize, usize),
+    out_w: usize,
+    out_h: usize,
+) -> Result<Raw8, ImageError> {
+    let inside = left.checked_add(w).is_some_and(|r| r <= img.width)
+        && top.checked_add(h).is_some_and(|b| b <= img.height);
+    // The in-place path needs a horizontal pass (it is the one that reads the window), and an
+    // image without alpha (premultiplying copies anyway).
+    if !inside || w == out_w || out_w == 0 || out_h == 0 || w == 0 || h == 0 || img.channels == 2 || img.channels == 4 {
+        return Ok(resize_bicubic(&img.crop(left, top, w, h)?, out_w, out_h));
     }
-    let need_h = out_w != src.width;
-    let need_v = out_h != src.height;
-    let horiz = precompute(src.width, out_w);
-    let vert = precompute(src.height, out_h);
+    Ok(resize_window(img, (left, top, w, h), out_w, out_h))
+}
+
+/// The resize of the window `(left, top, w, h)` of `img`; `left` and `top` must be 0 unless the
+/// window's width changes (only the horizontal pass reads at an offset).
+fn resize_window(img: &Raw8, (left, top, w, h): (usize, usize, usize, usize), out_w: usize, out_h: usize) -> Raw8 {
+    let has_alpha = img.channels == 2 || img.channels == 4;
+    // Only an image with alpha is copied (to premultiply it); the passes read the rest in place.
+    let src: Cow<Raw8> = if has_alpha {
+        let mut s = img.clone();
+        s.premultiply();
+        Cow::Owned(s)
+    } else {
+        Cow::Borrowed(img)
+    };
+    let need_h = out_w != w;
+    let need_v = out_h != h;
+    let horiz = precompute(w, out_w);
+    let vert = precompute(h, out_h);
     // Rows of the source that the vertical pass will read.
     let y_first = vert.bounds[0].0;
     let (last_min, last_n) = vert.bounds[out_h - 1];
@@ -264,12 +299,13 @@ pub fn resize_bicubic(img: &Raw8, out_w: usize, out_h: usize) -> Raw8 {
     let mut out = src;
     let mut shift = 0;
     if need_h {
-        out = horizontal(&out, y_first, y_last - y_first, out_w, &horiz);
+        out = Cow::Owned(horizontal(&out, left, top + y_first, y_last - y_first, out_w, &horiz));
         shift = y_first;
     }
     if need_v {
-        out = vertical(&out, out_h, &vert, shift);
+        out = Cow::Owned(vertical(&out, out_h, &vert, shift));
     }
+    let mut out = out.into_owned();
     if has_alpha {
         out.unpremultiply();
     }
@@ -317,5 +353,28 @@ mod tests {
         img.premultiply();
         assert_eq!(&img.data[..4], &[10, 20, 30, 255]);
         assert_eq!(&img.data[4..], &[0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn resizing_a_window_in_place_equals_cropping_it_first() {
+        let mut state = 7u32;
+        let mut next = || {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (state >> 24) as u8
+        };
+        for channels in [1, 3, 4] {
+            let (width, height) = (53, 41);
+            let img = Raw8 { width, height, channels, data: (0..width * height * channels).map(|_| next()).collect() };
+            for window in [(0, 0, 53, 41), (5, 3, 40, 30), (13, 11, 40, 30), (0, 0, 20, 41), (30, 20, 23, 21), (2, 1, 9, 9)] {
+                for (ow, oh) in [(16, 16), (24, 12), (60, 50), (window.2, 17)] {
+                    let (l, t, w, h) = window;
+                    let want = resize_bicubic(&img.crop(l, t, w, h).unwrap(), ow, oh);
+                    let got = resize_crop_bicubic(&img, window, ow, oh).unwrap();
+                    assert_eq!(got, want, "{channels} channels, window {window:?} to {ow}x{oh}");
+                }
+            }
+        }
+        let img = Raw8 { width: 4, height: 4, channels: 3, data: vec![0; 48] };
+        assert!(resize_crop_bicubic(&img, (2, 2, 3, 2), 8, 8).is_err());
     }
 }
