@@ -12,7 +12,7 @@
 mod jpeg;
 mod resample;
 
-pub use resample::{Raw8, resize_bicubic, resize_crop_bicubic};
+pub use resample::{Raw8, bicubic_filter, resize_bicubic, resize_crop_bicubic};
 
 /// CLIP's normalisation mean (OpenAI dataset statistics), per RGB channel.
 #[allow(clippy::excessive_precision)]

@@ -116,7 +116,9 @@ impl Raw8 {
     }
 }
 
-fn bicubic_filter(x: f64) -> f64 {
+/// Keys' cubic convolution kernel with a = -0.5, Pillow's `bicubic_filter` (and PyTorch's
+/// antialiased bicubic); support 2.
+pub fn bicubic_filter(x: f64) -> f64 {
     const A: f64 = -0.5;
     let x = x.abs();
     if x < 1.0 {

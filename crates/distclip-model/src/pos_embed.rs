@@ -5,26 +5,15 @@
 //!
 //! PyTorch's antialiased bicubic is Pillow's separable filter (Keys' cubic with a = -0.5, the
 //! support widened by the scale when shrinking, weights normalised per output pixel), in
-//! floating point; it is written out here rather than borrowed from the image crate's 8-bit
-//! fixed-point resize.
+//! floating point: the kernel is the image crate's, the resampling is written out here because
+//! the image crate's resize works on 8-bit pixels in fixed point.
+
+use distclip_image::bicubic_filter;
 
 use crate::ModelError;
 use crate::checkpoint::{HostTensor, StateDict};
 
 const KEY: &str = "visual.positional_embedding";
-
-/// Keys' cubic convolution kernel with a = -0.5 (`aa_filter` in PyTorch's `UpSampleKernel.cpp`).
-fn cubic(x: f64) -> f64 {
-    const A: f64 = -0.5;
-    let x = x.abs();
-    if x < 1.0 {
-        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
-    } else if x < 2.0 {
-        (((x - 5.0) * x + 8.0) * x - 4.0) * A
-    } else {
-        0.0
-    }
-}
 
 /// For each output index, the first input index and the normalised weights
 /// (`_compute_indices_min_size_weights_aa`).
@@ -38,7 +27,7 @@ fn weights(input: usize, output: usize) -> Vec<(usize, Vec<f64>)> {
             // C++ truncates toward zero before the max with 0.
             let xmin = ((center - support + 0.5) as i64).max(0) as usize;
             let xmax = ((center + support + 0.5) as i64).min(input as i64).max(0) as usize;
-            let mut w: Vec<f64> = (xmin..xmax).map(|j| cubic((j as f64 - center + 0.5) * invscale)).collect();
+            let mut w: Vec<f64> = (xmin..xmax).map(|j| bicubic_filter((j as f64 - center + 0.5) * invscale)).collect();
             let total: f64 = w.iter().sum();
             if total != 0.0 {
                 w.iter_mut().for_each(|x| *x /= total);
