@@ -298,3 +298,26 @@ fn report_writes_plots_and_a_summary_of_a_run() {
     assert!(e.contains("no steps in") && e.contains("metrics.jsonl") && e.contains("did the run commit any step?"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn unusable_reporters_and_remotes_are_refused_before_training() {
+    let dir = std::env::temp_dir().join(format!("distclip-cli-remote-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let spec = common::synth(&dir, 8, 8);
+    let run = dir.join("run");
+    let base = ["coordinator", "--data", spec.as_str(), "--run-dir", run.to_str().unwrap(), "--model", "tiny", "--listen", "127.0.0.1:0"];
+    let mut args = base.to_vec();
+    args.extend(["--remote-sync", "https://example.com/runs/x"]);
+    let e = err_text(&args);
+    assert!(e.contains("log.remote_sync https://example.com/runs/x") && e.contains("not writable"), "{e}");
+    assert!(!run.join("coordinator.addr").exists(), "it listened before refusing");
+    let mut args = base.to_vec();
+    args.extend(["--report-to", "wandb"]);
+    let e = err_text(&args);
+    assert!(e.contains("log.report_to") && e.contains("tensorboard"), "{e}");
+    let mut args = base.to_vec();
+    args.extend(["--lock-text-unlocked-layers", "1"]);
+    let e = err_text(&args);
+    assert!(e.contains("model.lock_text_unlocked_layers") && e.contains("lock_text = true"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -454,6 +454,15 @@ impl Coordinator {
         let dir = RunDir::create(&opts.run_dir)?;
         let toml = config.to_toml();
         let now = Instant::now();
+        // A remote that cannot be used is refused before any worker starts.
+        let remote = match &config.log.remote_sync {
+            Some(url) => Some((
+                distclip_data::remote_sync::RemoteSync::new(url, &[]).map_err(|e| CoordinatorError::Remote(e.to_string()))?,
+                Duration::from_secs(config.log.remote_sync_frequency_s),
+            )),
+            None => None,
+        };
+        let sync_now = remote.as_ref().map(|_| Arc::new(tokio::sync::Notify::new()));
         let checkpoints = dir.checkpoints_path();
         let (machine, resume_from) = match &opts.resume {
             Some(spec) => {
@@ -509,15 +518,6 @@ impl Coordinator {
         } else {
             None
         };
-        // A remote that cannot be used is refused before any worker starts.
-        let remote = match &config.log.remote_sync {
-            Some(url) => Some((
-                distclip_data::remote_sync::RemoteSync::new(url, &[]).map_err(|e| CoordinatorError::Remote(e.to_string()))?,
-                Duration::from_secs(config.log.remote_sync_frequency_s),
-            )),
-            None => None,
-        };
-        let sync_now = remote.as_ref().map(|_| Arc::new(tokio::sync::Notify::new()));
         let (changed, _) = watch::channel(0);
         let shared = Arc::new(Shared {
             machine: Mutex::new(machine),
