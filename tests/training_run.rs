@@ -3,7 +3,7 @@
 //! checkpoint that ends exactly where the uninterrupted run ends.
 
 mod common;
-use common::{assert_same_update, jsonl, launch, ok_json, synth, tmp};
+use common::{assert_same_update, jsonl, launch, ok_json, synth, tensors, tmp};
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -173,19 +173,6 @@ fn a_killed_run_resumes_from_its_last_good_checkpoint_exactly() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-
-/// Tensors of a safetensors file by name, with shapes.
-fn tensors(path: &Path) -> std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)> {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(name, v)| {
-            let data = v.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-            (name, (v.shape().to_vec(), data))
-        })
-        .collect()
-}
 
 #[test]
 fn lit_fine_tuning_trains_only_what_is_unlocked_with_patch_dropout() {

@@ -88,20 +88,22 @@ pub fn tmp(name: &str) -> PathBuf {
     d
 }
 
-/// Parameters of a safetensors file, sorted by name.
-pub fn load(path: &Path) -> Vec<(String, Vec<f32>)> {
+/// Tensors of a safetensors file by name: shape and f32 values.
+pub fn tensors(path: &Path) -> std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)> {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut out: Vec<(String, Vec<f32>)> = st
-        .tensors()
+    st.tensors()
         .into_iter()
         .map(|(name, view)| {
             let v = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-            (name, v)
+            (name, (view.shape().to_vec(), v))
         })
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
+        .collect()
+}
+
+/// Parameters of a safetensors file, sorted by name.
+pub fn load(path: &Path) -> Vec<(String, Vec<f32>)> {
+    tensors(path).into_iter().map(|(name, (_, v))| (name, v)).collect()
 }
 
 /// Two trained models (`a`, `b`, from the same `init`) made the same update, up to float
