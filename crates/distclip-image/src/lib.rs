@@ -7,7 +7,9 @@
 //! Pillow's fixed-point `ImagingResample` (`src/libImaging/Resample.c`), not a generic bicubic.
 //! The train transform's `RandomResizedCrop` uses the same resampler on a crop box.
 
-#![forbid(unsafe_code)]
+// The only unsafe code is the call into the AVX2 builds of the resize passes, after checking
+// the CPU has AVX2 (`resample.rs`).
+#![deny(unsafe_code)]
 
 mod jpeg;
 mod resample;
