@@ -355,6 +355,18 @@ fn resize_window(img: &Raw8, (left, top, w, h): (usize, usize, usize, usize), ou
 mod tests {
     use super::*;
 
+    /// A `width x height` image of pseudo-random bytes from a linear congruential generator
+    /// whose state is `state` (so successive calls draw different images).
+    fn noise(width: usize, height: usize, channels: usize, state: &mut u32) -> Raw8 {
+        let data = (0..width * height * channels)
+            .map(|_| {
+                *state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (*state >> 24) as u8
+            })
+            .collect();
+        Raw8 { width, height, channels, data }
+    }
+
     #[test]
     fn constant_image_stays_constant() {
         let img = Raw8 {
@@ -384,15 +396,8 @@ mod tests {
     #[test]
     fn the_dispatched_passes_equal_the_portable_build() {
         // On a CPU with AVX2 this compares the AVX2 build with the portable one.
-        let mut state = 11u32;
         let (width, height) = (97, 61);
-        let data = (0..width * height * 3)
-            .map(|_| {
-                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                (state >> 24) as u8
-            })
-            .collect();
-        let img = Raw8 { width, height, channels: 3, data };
+        let img = noise(width, height, 3, &mut 11);
         for (ow, oh) in [(40, 25), (130, 90), (1, 1)] {
             let co = precompute(width, ow);
             assert_eq!(horizontal_c::<3>(&img, 0, 0, height, ow, &co), horizontal_body::<3>(&img, 0, 0, height, ow, &co));
@@ -416,14 +421,9 @@ mod tests {
 
     #[test]
     fn resizing_a_window_in_place_equals_cropping_it_first() {
-        let mut state = 7u32;
-        let mut next = || {
-            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-            (state >> 24) as u8
-        };
+        let mut state = 7;
         for channels in [1, 3, 4] {
-            let (width, height) = (53, 41);
-            let img = Raw8 { width, height, channels, data: (0..width * height * channels).map(|_| next()).collect() };
+            let img = noise(53, 41, channels, &mut state);
             for window in [(0, 0, 53, 41), (5, 3, 40, 30), (13, 11, 40, 30), (0, 0, 20, 41), (30, 20, 23, 21), (2, 1, 9, 9)] {
                 for (ow, oh) in [(16, 16), (24, 12), (60, 50), (window.2, 17)] {
                     let (l, t, w, h) = window;
