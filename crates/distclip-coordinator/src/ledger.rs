@@ -14,7 +14,7 @@
 //! - A shard is complete when it failed, or when its total is known and committed ∪ skipped is
 //!   exactly `[0, total)`. The epoch is complete when every shard is.
 
-use crate::ranges::RangeSet;
+use crate::ranges::{RangeSet, runs};
 use distclip_proto::v1::{IndexRange, ShardIndices, ShardLease, ShardReport};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -450,30 +450,41 @@ impl EpochLedger {
                     )));
                 }
                 let seen = seen.entry(shard).or_default();
-                for &i in &group.indices {
-                    if state.total.is_some_and(|t| i >= t) {
+                for (start, end) in runs(&group.indices) {
+                    if start == end {
                         return Err(LedgerError(format!(
-                            "{worker} committed position {i} of shard {shard}, past its {} samples",
-                            state.total.unwrap_or(0)
+                            "{worker} committed position {start} of shard {shard}, which no shard has"
                         )));
                     }
-                    if state.committed.contains(i) {
-                        return Err(LedgerError(format!(
-                            "{worker} committed position {i} of shard {shard} a second time"
-                        )));
+                    // The run's first bad position, reported as a check of one index at a time
+                    // would: the least position, and at a tie the first check in this order.
+                    let past = state.total.filter(|&t| t < end).map(|t| t.max(start));
+                    let problems = [
+                        past,
+                        state.committed.first_in(start, end),
+                        state.skipped.first_in(start, end),
+                        seen.first_in(start, end),
+                    ];
+                    if let Some((kind, i)) = problems
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(k, p)| p.map(|i| (k, i)))
+                        .min_by_key(|&(k, i)| (i, k))
+                    {
+                        return Err(LedgerError(match kind {
+                            0 => format!(
+                                "{worker} committed position {i} of shard {shard}, past its {} samples",
+                                state.total.unwrap_or(0)
+                            ),
+                            1 => format!("{worker} committed position {i} of shard {shard} a second time"),
+                            2 => format!(
+                                "{worker} committed position {i} of shard {shard}, which was skipped as bad"
+                            ),
+                            _ => format!("position {i} of shard {shard} appears twice in step's batches"),
+                        }));
                     }
-                    if state.skipped.contains(i) {
-                        return Err(LedgerError(format!(
-                            "{worker} committed position {i} of shard {shard}, which was skipped as bad"
-                        )));
-                    }
-                    if seen.contains(i) {
-                        return Err(LedgerError(format!(
-                            "position {i} of shard {shard} appears twice in step's batches"
-                        )));
-                    }
-                    seen.insert(i);
-                    n += 1;
+                    seen.insert_range(start, end);
+                    n += end - start;
                 }
             }
         }
@@ -492,9 +503,9 @@ impl EpochLedger {
                 continue;
             };
             self.changed.insert(group.shard);
-            for &i in &group.indices {
-                state.committed.insert(i);
-                self.committed_samples += 1;
+            for (start, end) in runs(&group.indices) {
+                state.committed.insert_range(start, end);
+                self.committed_samples += end - start;
             }
             if state.is_complete() {
                 self.leases.remove(&group.shard);
@@ -844,5 +855,21 @@ mod tests {
         let twice = [idx(0, [0, 1, 2]), idx(0, [1])];
         let e = l.check(&[("a", &twice[..])]).unwrap_err();
         assert!(e.0.contains("position 1 of shard 0 appears twice"), "{e:?}");
+    }
+
+    #[test]
+    fn a_run_of_positions_reports_its_first_bad_one() {
+        let mut l = EpochLedger::new(0, &shards(1), vec![0]);
+        l.lease("a", 1, 1);
+        l.apply(&[idx(0, [6])]);
+        l.report("a", &report(0, 0, vec![4])).unwrap();
+        // Positions 3..=8 are checked as one run: 4 (skipped) comes before 6 (committed).
+        let e = l.check(&[("a", &[idx(0, 3..9)])]).unwrap_err();
+        assert!(e.0.contains("position 4 of shard 0, which was skipped"), "{e}");
+        let e = l.check(&[("a", &[idx(0, 5..9)])]).unwrap_err();
+        assert!(e.0.contains("position 6 of shard 0 a second time"), "{e}");
+        let e = l.check(&[("a", &[idx(0, [u64::MAX])])]).unwrap_err();
+        assert!(e.0.contains("which no shard has"), "{e}");
+        assert_eq!(l.check(&[("a", &[idx(0, [7, 8, 9, 0, 1])])]), Ok(5));
     }
 }

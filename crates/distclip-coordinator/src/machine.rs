@@ -33,6 +33,7 @@ use crate::ledger::{EpochLedger, LedgerChanges, LedgerNote, LedgerState, ShardIn
 use crate::membership::{JoinError, JoinKind, MemberInfo, Membership};
 use crate::ranges::RangeSet;
 use formation::{Formation, NotYet};
+pub use metrics_line::{MetricsLine, WorkerLine, Workers};
 use plan::DataPlan;
 use distclip_config::RunConfig;
 use distclip_proto::v1::{
@@ -46,6 +47,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 mod formation;
+mod metrics_line;
 mod plan;
 mod telemetry;
 mod untrusted;
@@ -210,8 +212,8 @@ impl Event {
 pub struct Outbox {
     /// Lines for `events.jsonl`.
     pub events: Vec<Event>,
-    /// Lines for `metrics.jsonl`, one per committed step.
-    pub metrics: Vec<Value>,
+    /// Lines for `metrics.jsonl`, one per committed step or evaluation.
+    pub metrics: Vec<MetricsLine>,
     /// Epoch audits for `ledger/epoch-N.json`.
     pub audits: Vec<(u64, Value)>,
     /// The persistent state changed: journal it before answering.
@@ -344,6 +346,8 @@ struct Pending {
 #[derive(Debug)]
 struct Round {
     quorum: Quorum,
+    /// The quorum's member ids: a vote's membership check must not scan a thousand members.
+    voters: std::collections::HashSet<String>,
     epoch: u64,
     first_vote: Option<Instant>,
     votes: BTreeMap<String, CommitRequest>,
@@ -710,7 +714,7 @@ impl Machine {
         match serde_json::from_str::<Value>(&req.eval_json) {
             Ok(results @ Value::Object(_)) => {
                 self.event("eval", json!({"worker": worker, "after_step": req.step, "results": results.clone()}));
-                self.outbox.metrics.push(json!({"step": after, "epoch": self.epoch, "eval": results}));
+                self.outbox.metrics.push(MetricsLine::new(json!({"step": after, "epoch": self.epoch, "eval": results})));
             }
             _ => self.event(
                 "record_ignored",
@@ -1061,6 +1065,7 @@ impl Machine {
         if action == StepAction::Train {
             self.phase = Phase::Training;
             self.round = Some(Round {
+                voters: quorum.members.iter().map(|m| m.worker_id.clone()).collect(),
                 quorum,
                 epoch: self.epoch,
                 first_vote: None,
@@ -1310,12 +1315,7 @@ impl Machine {
                 req.step, req.quorum_id, self.step, self.quorum_id
             )));
         };
-        if !round
-            .quorum
-            .members
-            .iter()
-            .any(|m| m.worker_id == req.worker_id)
-        {
+        if !round.voters.contains(&req.worker_id) {
             return Some(refuse(format!(
                 "worker {} is not a member of quorum {}",
                 req.worker_id, req.quorum_id
@@ -1481,8 +1481,8 @@ impl Machine {
         for v in &votes {
             for g in &v.consumed {
                 let set = positions.entry(g.shard).or_default();
-                for &i in &g.indices {
-                    set.insert(i);
+                for (start, end) in crate::ranges::runs(&g.indices) {
+                    set.insert_range(start, end);
                 }
             }
         }
@@ -1520,17 +1520,20 @@ impl Machine {
         };
         let step_s = max(|m| m.step_s);
         let first = metrics.first().map(|(_, m)| m.clone()).unwrap_or_default();
-        let mut per_worker = serde_json::Map::new();
+        let mut workers = Vec::with_capacity(metrics.len());
         for (rank, (v, m)) in metrics.iter().enumerate() {
-            per_worker.insert(
+            workers.push((
                 v.worker_id.clone(),
-                json!({
-                    "rank": rank,
-                    "samples": m.samples,
-                    "samples_per_s": if m.step_s > 0.0 { m.samples as f64 / m.step_s } else { 0.0 },
-                    "data_s": m.data_s, "compute_s": m.compute_s, "comm_s": m.comm_s, "step_s": m.step_s,
-                }),
-            );
+                WorkerLine {
+                    comm_s: m.comm_s,
+                    compute_s: m.compute_s,
+                    data_s: m.data_s,
+                    rank,
+                    samples: m.samples,
+                    samples_per_s: if m.step_s > 0.0 { f64::from(m.samples) / m.step_s } else { 0.0 },
+                    step_s: m.step_s,
+                },
+            ));
             if let Some(member) = self.members.get_mut(&v.worker_id) {
                 member.last_step_s = m.step_s;
                 member.step = round.quorum.step + 1;
@@ -1558,7 +1561,7 @@ impl Machine {
         };
         self.last_loss = first.loss;
         self.samples_per_s = samples_per_s;
-        self.outbox.metrics.push(json!({
+        let fields = json!({
             "step": round.quorum.step,
             "epoch": round.epoch,
             "quorum_id": round.quorum.quorum_id,
@@ -1575,8 +1578,8 @@ impl Machine {
             "compute_s": max(|m| m.compute_s),
             "comm_s": max(|m| m.comm_s),
             "params_checksum": checksums.iter().next().copied().unwrap_or(""),
-            "workers": per_worker,
-        }));
+        });
+        self.outbox.metrics.push(MetricsLine { fields, workers: Some(Workers(workers)) });
     }
 
     /// The run as a whole.

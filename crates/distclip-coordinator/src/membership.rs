@@ -173,6 +173,11 @@ impl Membership {
         self.members.contains_key(worker_id)
     }
 
+    /// Live members' ids, ascending.
+    pub fn ids(&self) -> impl Iterator<Item = &str> {
+        self.members.keys().map(String::as_str)
+    }
+
     /// Live members.
     pub fn len(&self) -> usize {
         self.members.len()

@@ -3,7 +3,7 @@
 //! and `coordinator.http`.
 
 use crate::error::CoordinatorError;
-use crate::machine::{Event, SavedState};
+use crate::machine::{Event, MetricsLine, SavedState};
 use serde_json::Value;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -151,13 +151,14 @@ impl RunDir {
         self.write(self.http_addr_path(), format!("{addr}\n").as_bytes())
     }
 
-    fn append(&self, path: PathBuf, lines: &[Value]) -> Result<(), CoordinatorError> {
+    fn append(&self, path: PathBuf, lines: &[impl serde::Serialize]) -> Result<(), CoordinatorError> {
         if lines.is_empty() {
             return Ok(());
         }
         let mut buf = Vec::new();
         for l in lines {
-            buf.extend_from_slice(l.to_string().as_bytes());
+            // Lines are objects with string keys: serialising them cannot fail.
+            let _ = serde_json::to_writer(&mut buf, l);
             buf.push(b'\n');
         }
         // One write per batch so concurrent readers never see half a line of ours.
@@ -180,19 +181,11 @@ impl RunDir {
         self.append(self.events_path(), &lines)
     }
 
-    /// Append metrics lines, each with a `time`.
-    pub fn append_metrics(&self, metrics: &[Value]) -> Result<(), CoordinatorError> {
+    /// Append metrics lines, each given a `time` (in place: a line of a thousand workers is
+    /// too big to copy under the coordinator's lock).
+    pub fn append_metrics(&self, metrics: &mut [MetricsLine]) -> Result<(), CoordinatorError> {
         let time = unix_time();
-        let lines: Vec<Value> = metrics
-            .iter()
-            .map(|m| {
-                let mut m = m.clone();
-                if let Value::Object(o) = &mut m {
-                    o.insert("time".into(), time.into());
-                }
-                m
-            })
-            .collect();
-        self.append(self.metrics_path(), &lines)
+        metrics.iter_mut().for_each(|m| m.set_time(time));
+        self.append(self.metrics_path(), metrics)
     }
 }

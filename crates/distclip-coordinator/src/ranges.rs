@@ -60,6 +60,12 @@ impl RangeSet {
         self.ranges.get(i).is_some_and(|&(s, _)| s <= index)
     }
 
+    /// The least index of `[start, end)` in the set, if any.
+    pub fn first_in(&self, start: u64, end: u64) -> Option<u64> {
+        let i = self.ranges.partition_point(|&(_, e)| e <= start);
+        self.ranges.get(i).filter(|&&(s, _)| s < end).map(|&(s, _)| s.max(start))
+    }
+
     /// Add one index.
     pub fn insert(&mut self, index: u64) {
         self.insert_range(index, index.saturating_add(1));
@@ -147,6 +153,24 @@ impl RangeSet {
     }
 }
 
+/// `indices` in order as runs of consecutive ascending values, `[start, end)` each: a batch's
+/// positions in a shard are mostly consecutive, so a thousand voters' tens of thousands of
+/// positions become about one run per voter and shard.
+pub fn runs(indices: &[u64]) -> impl Iterator<Item = (u64, u64)> + '_ {
+    let mut rest = indices;
+    std::iter::from_fn(move || {
+        let (&start, tail) = rest.split_first()?;
+        let len = tail
+            .iter()
+            .zip(1u64..)
+            .take_while(|&(&i, k)| start.checked_add(k) == Some(i))
+            .count();
+        rest = &tail[len..];
+        // Saturating: a run holding u64::MAX ends there, one short (callers refuse such an index).
+        Some((start, start.saturating_add(len as u64 + 1)))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,6 +205,25 @@ mod tests {
         assert_eq!(u.ranges(), &[(1, 29)]);
         assert_eq!(u.end(), 29);
         assert!(RangeSet::new().is_exactly(0));
+    }
+
+    #[test]
+    fn first_in_finds_the_least_shared_index() {
+        let s = RangeSet::from_ranges([(3, 5), (8, 10)]);
+        assert_eq!(s.first_in(0, 3), None);
+        assert_eq!(s.first_in(0, 4), Some(3));
+        assert_eq!(s.first_in(4, 20), Some(4));
+        assert_eq!(s.first_in(5, 8), None);
+        assert_eq!(s.first_in(6, 9), Some(8));
+        assert_eq!(s.first_in(10, 12), None);
+        assert_eq!(s.first_in(7, 7), None);
+    }
+
+    #[test]
+    fn runs_split_at_every_break_in_order() {
+        let r: Vec<_> = runs(&[4, 5, 6, 9, 2, 3, 3, u64::MAX]).collect();
+        assert_eq!(r, [(4, 7), (9, 10), (2, 4), (3, 4), (u64::MAX, u64::MAX)]);
+        assert_eq!(runs(&[]).count(), 0);
     }
 
     #[test]

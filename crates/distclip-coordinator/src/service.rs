@@ -141,7 +141,7 @@ impl Shared {
     fn flush(&self, m: &mut Machine) {
         // Twice at most: a failed state write fails the run, which is itself an outbox entry.
         for _ in 0..2 {
-            let out = m.take_outbox();
+            let mut out = m.take_outbox();
             for (epoch, audit) in &out.audits {
                 if let Err(e) = self.dir.write_audit(*epoch, audit) {
                     tracing::error!("{e}");
@@ -152,18 +152,18 @@ impl Shared {
             {
                 tracing::error!("{e}");
             }
-            if let Err(e) = self.dir.append_metrics(&out.metrics) {
+            if let Err(e) = self.dir.append_metrics(&mut out.metrics) {
                 tracing::error!("{e}");
             }
             if let Some(tb) = &self.tensorboard
                 && let Ok(mut tb) = tb.lock()
-                && let Err(e) = tb.write_metrics(&out.metrics, crate::persist::unix_time())
+                && let Err(e) = tb.write_metrics(out.metrics.iter().map(|l| &l.fields), crate::persist::unix_time())
             {
                 tracing::error!("appending to {}: {e}", tb.path().display());
             }
             if let Ok(mut p) = self.progress.lock() {
                 let now = Instant::now();
-                for line in out.metrics.iter().filter_map(|m| p.observe(m, now)) {
+                for line in out.metrics.iter().filter_map(|m| p.observe(&m.fields, now)) {
                     tracing::info!(target: "distclip::progress", "{line}");
                 }
             }
@@ -179,7 +179,7 @@ impl Shared {
                 if let Some(step) = out.rewind_metrics {
                     r.rewind(step);
                 }
-                out.metrics.iter().for_each(|l| r.metrics_line(l));
+                out.metrics.iter().for_each(|l| r.metrics_line(&l.fields));
                 let time = crate::persist::unix_time();
                 out.events.iter().for_each(|e| r.event(e.line(time)));
             }

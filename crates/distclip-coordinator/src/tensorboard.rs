@@ -171,7 +171,7 @@ impl EventFile {
     }
 
     /// Append the scalars of `metrics.jsonl` lines.
-    pub fn write_metrics(&mut self, lines: &[Value], wall_time: f64) -> std::io::Result<()> {
+    pub fn write_metrics<'a>(&mut self, lines: impl IntoIterator<Item = &'a Value>, wall_time: f64) -> std::io::Result<()> {
         let mut events = Vec::new();
         for line in lines {
             let Some(step) = line.get("step").and_then(Value::as_u64) else { continue };

@@ -25,6 +25,16 @@ pub(super) struct Telemetry {
     skipped_by_worker: BTreeMap<String, u64>,
 }
 
+/// Drop the entries of workers that are no longer members: one walk over both maps, which
+/// are sorted by the same ids.
+fn keep_members<V>(map: &mut BTreeMap<String, V>, members: &Membership) {
+    let mut ids = members.ids().peekable();
+    map.retain(|id, _| {
+        while ids.next_if(|m| *m < id.as_str()).is_some() {}
+        ids.peek() == Some(&id.as_str())
+    });
+}
+
 impl Telemetry {
     /// A committed step: `votes` in rank order with what each measured and how many samples
     /// it skipped.
@@ -35,7 +45,6 @@ impl Telemetry {
     ) {
         let mut first = true;
         for (id, m, skipped) in votes {
-            *self.skipped_by_worker.entry(id.to_owned()).or_default() += skipped;
             if first {
                 self.last_step = Some(LastStep {
                     loss: m.loss,
@@ -45,23 +54,33 @@ impl Telemetry {
                 });
                 first = false;
             }
-            self.workers.insert(
-                id.to_owned(),
-                WorkerStep {
-                    step_seconds: m.step_s,
-                    data_wait_seconds: m.data_s,
-                    compute_seconds: m.compute_s,
-                    communication_seconds: m.comm_s,
-                    samples_per_second: if m.step_s > 0.0 {
-                        f64::from(m.samples) / m.step_s
-                    } else {
-                        0.0
-                    },
+            let step = WorkerStep {
+                step_seconds: m.step_s,
+                data_wait_seconds: m.data_s,
+                compute_seconds: m.compute_s,
+                communication_seconds: m.comm_s,
+                samples_per_second: if m.step_s > 0.0 {
+                    f64::from(m.samples) / m.step_s
+                } else {
+                    0.0
                 },
-            );
+            };
+            // Look up before inserting: a thousand workers' ids are not copied every step.
+            match self.workers.get_mut(id) {
+                Some(w) => *w = step,
+                None => {
+                    self.workers.insert(id.to_owned(), step);
+                }
+            }
+            match self.skipped_by_worker.get_mut(id) {
+                Some(n) => *n += skipped,
+                None => {
+                    self.skipped_by_worker.insert(id.to_owned(), skipped);
+                }
+            }
         }
-        self.workers.retain(|id, _| members.contains(id));
-        self.skipped_by_worker.retain(|id, _| members.contains(id));
+        keep_members(&mut self.workers, members);
+        keep_members(&mut self.skipped_by_worker, members);
     }
 
     /// A vote ended without a commit.
