@@ -457,31 +457,27 @@ impl EpochLedger {
                         )));
                     }
                     // The run's first bad position, reported as a check of one index at a time
-                    // would: the least position, and at a tie the first check in this order.
-                    let past = state.total.filter(|&t| t < end).map(|t| t.max(start));
-                    let problems = [
-                        past,
-                        state.committed.first_in(start, end),
-                        state.skipped.first_in(start, end),
-                        seen.first_in(start, end),
+                    // would: the least position, and at a tie the first check listed here.
+                    let total = state.total.unwrap_or(0);
+                    let problems: [(Option<u64>, &dyn Fn(u64) -> String); 4] = [
+                        (state.total.filter(|&t| t < end).map(|t| t.max(start)), &|i| {
+                            format!("{worker} committed position {i} of shard {shard}, past its {total} samples")
+                        }),
+                        (state.committed.first_in(start, end), &|i| {
+                            format!("{worker} committed position {i} of shard {shard} a second time")
+                        }),
+                        (state.skipped.first_in(start, end), &|i| {
+                            format!("{worker} committed position {i} of shard {shard}, which was skipped as bad")
+                        }),
+                        (seen.first_in(start, end), &|i| {
+                            format!("position {i} of shard {shard} appears twice in step's batches")
+                        }),
                     ];
-                    if let Some((kind, i)) = problems
-                        .iter()
-                        .enumerate()
-                        .filter_map(|(k, p)| p.map(|i| (k, i)))
-                        .min_by_key(|&(k, i)| (i, k))
+                    // `min_by_key` keeps the first of equal keys: the order above breaks ties.
+                    if let Some((i, message)) =
+                        problems.iter().filter_map(|(at, message)| at.map(|i| (i, message))).min_by_key(|&(i, _)| i)
                     {
-                        return Err(LedgerError(match kind {
-                            0 => format!(
-                                "{worker} committed position {i} of shard {shard}, past its {} samples",
-                                state.total.unwrap_or(0)
-                            ),
-                            1 => format!("{worker} committed position {i} of shard {shard} a second time"),
-                            2 => format!(
-                                "{worker} committed position {i} of shard {shard}, which was skipped as bad"
-                            ),
-                            _ => format!("position {i} of shard {shard} appears twice in step's batches"),
-                        }));
+                        return Err(LedgerError(message(i)));
                     }
                     seen.insert_range(start, end);
                     n += end - start;

@@ -31,7 +31,7 @@
 
 use crate::ledger::{EpochLedger, LedgerChanges, LedgerNote, LedgerState, ShardInfo, shard_order};
 use crate::membership::{JoinError, JoinKind, MemberInfo, Membership};
-use crate::ranges::RangeSet;
+use crate::ranges::{RangeSet, runs};
 use formation::{Formation, NotYet};
 pub use metrics_line::{MetricsLine, WorkerLine, Workers};
 use plan::DataPlan;
@@ -1481,7 +1481,7 @@ impl Machine {
         for v in &votes {
             for g in &v.consumed {
                 let set = positions.entry(g.shard).or_default();
-                for (start, end) in crate::ranges::runs(&g.indices) {
+                for (start, end) in runs(&g.indices) {
                     set.insert_range(start, end);
                 }
             }
@@ -1530,7 +1530,7 @@ impl Machine {
                     data_s: m.data_s,
                     rank,
                     samples: m.samples,
-                    samples_per_s: if m.step_s > 0.0 { f64::from(m.samples) / m.step_s } else { 0.0 },
+                    samples_per_s: telemetry::samples_per_s(m),
                     step_s: m.step_s,
                 },
             ));

@@ -25,6 +25,11 @@ pub(super) struct Telemetry {
     skipped_by_worker: BTreeMap<String, u64>,
 }
 
+/// A worker's samples per second in a step (0 when it reported no step time).
+pub(super) fn samples_per_s(m: &StepMetrics) -> f64 {
+    if m.step_s > 0.0 { f64::from(m.samples) / m.step_s } else { 0.0 }
+}
+
 /// Drop the entries of workers that are no longer members: one walk over both maps, which
 /// are sorted by the same ids.
 fn keep_members<V>(map: &mut BTreeMap<String, V>, members: &Membership) {
@@ -59,11 +64,7 @@ impl Telemetry {
                 data_wait_seconds: m.data_s,
                 compute_seconds: m.compute_s,
                 communication_seconds: m.comm_s,
-                samples_per_second: if m.step_s > 0.0 {
-                    f64::from(m.samples) / m.step_s
-                } else {
-                    0.0
-                },
+                samples_per_second: samples_per_s(m),
             };
             // Look up before inserting: a thousand workers' ids are not copied every step.
             match self.workers.get_mut(id) {
