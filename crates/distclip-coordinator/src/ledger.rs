@@ -19,6 +19,9 @@ use distclip_proto::v1::{IndexRange, ShardIndices, ShardLease, ShardReport};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+/// A check's first failing position, if any, and the message for it.
+type Problem<'a> = (Option<u64>, &'a dyn Fn(u64) -> String);
+
 /// One shard of the expanded dataset spec.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ShardInfo {
@@ -459,7 +462,7 @@ impl EpochLedger {
                     // The run's first bad position, reported as a check of one index at a time
                     // would: the least position, and at a tie the first check listed here.
                     let total = state.total.unwrap_or(0);
-                    let problems: [(Option<u64>, &dyn Fn(u64) -> String); 4] = [
+                    let problems: [Problem<'_>; 4] = [
                         (state.total.filter(|&t| t < end).map(|t| t.max(start)), &|i| {
                             format!("{worker} committed position {i} of shard {shard}, past its {total} samples")
                         }),
